@@ -1,0 +1,1 @@
+"""MaskGIT in JAX/Flax: VQGAN tokenizer, masked transformer and parallel decoding."""

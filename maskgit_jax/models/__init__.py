@@ -1,0 +1,1 @@
+"""Flax modules: the VQGAN tokenizer and the bidirectional masked transformer."""

@@ -1,0 +1,43 @@
+"""Installs maskgit_jax: MaskGIT (tokenizer + masked transformer) in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-cpu>=2.21,<2.22",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    # tfds 4.9.10 imports it when loading catalogue datasets but does not declare it.
+    "importlib_resources>=6",
+    "clu>=0.0.12,<0.1",
+    "ml-collections>=1.1,<2",
+    "absl-py>=2",
+    "etils[epath]>=1.15",
+    "numpy>=2.0,<3",
+    "pillow>=10",
+    # Ships the embedded default dataset (the digits) inside the wheel.
+    "scikit-learn>=1.5,<2",
+]
+
+TESTS_REQUIRE = [
+    "pytest>=8",
+    "scipy>=1.13",
+    "scikit-image>=0.26,<0.27",
+    "ruff>=0.17,<0.18",
+    "nbclient>=0.10",
+    "nbformat>=5",
+    "ipykernel>=6",
+]
+
+setuptools.setup(
+    name="maskgit_jax",
+    version="0.1.0",
+    description="MaskGIT in JAX/Flax: VQGAN tokenizer, masked transformer, parallel decoding.",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["maskgit_jax", "maskgit_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TESTS_REQUIRE},
+)
