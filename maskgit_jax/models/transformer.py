@@ -1,0 +1,277 @@
+"""Bidirectional (BERT-style) masked transformer of MaskGIT, parameter-compatible with the release.
+
+Module names (`Embed_0/word_embeddings`, `TransformerLayer_3/Attention_0/self_attention/query`,
+`MlmLayer_0/mlm_bias`) are the authors'. Every parameter carries logical axis names
+(batch, length, embed, heads, kv, mlp, vocab) so sharding is declared by rules, not placed by
+hand. `dtype` is the compute dtype: with bfloat16, matmuls take bf16 operands and accumulate
+in float32, and softmax and LayerNorm statistics stay in float32; parameters stay float32.
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+LAYER_NORM_EPSILON = 1e-12
+
+
+def truncated_normal_init(stddev: float = 0.02) -> nn.initializers.Initializer:
+    """Normal(0, stddev) truncated at two standard deviations (BERT's initialiser)."""
+
+    def init(key, shape, dtype=jnp.float32):
+        return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
+
+    return init
+
+
+def _logical(init, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(init, names)
+
+
+def _fp32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, **unused_kwargs):
+    """dot_general with float32 accumulation, returning the operands' dtype.
+
+    For bf16 operands this is the fast path of TPU MXUs, tensor cores and AMX CPUs; for fp32 it
+    is the plain dot.
+    """
+    out = jax.lax.dot_general(
+        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
+    )
+    return out.astype(lhs.dtype)
+
+
+def _dense(features, names, name, dtype, axis=-1, bias_names=None):
+    """DenseGeneral with logical names on kernel and bias and fp32 accumulation."""
+    kernel_names = names
+    bias_names = bias_names or names[-(len(features) if isinstance(features, tuple) else 1) :]
+    return nn.DenseGeneral(
+        features,
+        axis=axis,
+        dtype=dtype,
+        kernel_init=_logical(truncated_normal_init(), kernel_names),
+        bias_init=_logical(nn.initializers.zeros_init(), bias_names),
+        dot_general=_fp32_accumulating_dot_general,
+        name=name,
+    )
+
+
+def _layer_norm(name: str, dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=LAYER_NORM_EPSILON,
+        dtype=dtype,
+        scale_init=_logical(nn.initializers.ones_init(), ("embed",)),
+        bias_init=_logical(nn.initializers.zeros_init(), ("embed",)),
+        name=name,
+    )
+
+
+def _constrain(x: Array) -> Array:
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class Embed(nn.Module):
+    """Word + learned position embeddings, LayerNorm, dropout."""
+
+    vocab_size: int
+    hidden_size: int
+    max_length: int
+    dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: Array, deterministic: bool) -> tuple[Array, Array]:
+        """Returns the embedded sequence [B, L, hidden] and the word-embedding table."""
+        word_embeddings = nn.Embed(
+            self.vocab_size,
+            self.hidden_size,
+            embedding_init=_logical(truncated_normal_init(), ("vocab", "embed")),
+            name="word_embeddings",
+        )
+        position_embeddings = nn.Embed(
+            self.max_length,
+            self.hidden_size,
+            embedding_init=_logical(truncated_normal_init(), ("length", "embed")),
+            name="position_embeddings",
+        )
+        # A negative id (the released code writes the mask as -1) selects from the table's end.
+        x = word_embeddings(ids) + position_embeddings(jnp.arange(ids.shape[-1])[None, :])
+        x = _layer_norm("embeddings_ln", self.dtype)(x.astype(self.dtype))
+        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        return _constrain(x), word_embeddings.embedding
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with biased q/k/v/out projections (the released layout)."""
+
+    num_heads: int
+    hidden_size: int
+    attention_dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        head_dim = self.hidden_size // self.num_heads
+        shape = (self.num_heads, head_dim)
+
+        def projection(name):
+            return _dense(shape, ("embed", "heads", "kv"), name, self.dtype)(x)
+
+        query = projection("query") / jnp.asarray(math.sqrt(head_dim), self.dtype)
+        key, value = projection("key"), projection("value")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if not deterministic and self.attention_dropout_rate > 0:
+            probs = nn.Dropout(self.attention_dropout_rate, broadcast_dims=(0,))(
+                probs, deterministic=False
+            )
+        context = jnp.einsum(
+            "bhqk,bkhd->bqhd", probs.astype(self.dtype), value, preferred_element_type=jnp.float32
+        ).astype(self.dtype)
+        context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
+        return _dense(
+            self.hidden_size,
+            ("heads", "kv", "embed"),
+            "out",
+            self.dtype,
+            axis=(-2, -1),
+            bias_names=("embed",),
+        )(context)
+
+
+class Attention(nn.Module):
+    """Self-attention sub-layer: attention, dropout, residual, post-LayerNorm."""
+
+    num_heads: int
+    hidden_size: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        attended = SelfAttention(
+            self.num_heads,
+            self.hidden_size,
+            self.attention_dropout_rate,
+            self.dtype,
+            name="self_attention",
+        )(x, deterministic)
+        attended = nn.Dropout(self.dropout_rate)(attended, deterministic=deterministic)
+        return _constrain(_layer_norm("attention_output_ln", self.dtype)(attended + x))
+
+
+class Mlp(nn.Module):
+    """Feed-forward sub-layer: Dense-GELU-Dense, dropout, residual, post-LayerNorm."""
+
+    hidden_size: int
+    mlp_dim: int
+    dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        h = _dense(self.mlp_dim, ("embed", "mlp"), "intermediate_output", self.dtype)(x)
+        h = nn.gelu(nn.with_logical_constraint(h, ("batch", "length", "mlp")))
+        h = _dense(self.hidden_size, ("mlp", "embed"), "layer_output", self.dtype)(h)
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        return _constrain(_layer_norm("layer_output_ln", self.dtype)(h + x))
+
+
+class TransformerLayer(nn.Module):
+    """One post-LayerNorm encoder layer."""
+
+    num_heads: int
+    hidden_size: int
+    mlp_dim: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        x = Attention(
+            self.num_heads,
+            self.hidden_size,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            self.dtype,
+        )(x, deterministic)
+        return Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype)(x, deterministic)
+
+
+class Bias(nn.Module):
+    """A learned bias over the vocabulary (its own module so the name matches the release)."""
+
+    size: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bias = self.param("bias", _logical(nn.initializers.zeros_init(), ("vocab",)), (self.size,))
+        return x + bias[: x.shape[-1]].astype(x.dtype)
+
+
+class MlmLayer(nn.Module):
+    """Output head: Dense-GELU-LayerNorm, then logits tied to the word embeddings, plus a bias."""
+
+    hidden_size: int
+    vocab_size: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, word_embeddings: Array, num_logits: int | None) -> Array:
+        x = _dense(self.hidden_size, ("embed", "mlp"), "mlm_dense", self.dtype)(x)
+        x = _layer_norm("mlm_ln", self.dtype)(nn.gelu(x))
+        table = word_embeddings[:num_logits] if num_logits else word_embeddings
+        logits = jnp.einsum(
+            "bld,vd->blv", x, table.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return Bias(self.vocab_size, name="mlm_bias")(logits)
+
+
+class MaskedTransformer(nn.Module):
+    """ids [B, L] (class token first; the mask token is the last vocabulary row) -> logits.
+
+    Logits are float32 [B, L, vocab_size], or [B, L, num_logits] when `num_logits` asks for
+    only the first rows of the tied table (the codebook when sampling), which skips the
+    class-token and mask columns of the output matmul.
+    """
+
+    vocab_size: int
+    max_length: int
+    hidden_size: int = 768
+    num_layers: int = 24
+    num_heads: int = 16
+    mlp_dim: int = 3072
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(
+        self, ids: Array, *, deterministic: bool = True, num_logits: int | None = None
+    ) -> Array:
+        x, word_embeddings = Embed(
+            self.vocab_size, self.hidden_size, self.max_length, self.dropout_rate, self.dtype
+        )(ids, deterministic)
+        layer_cls = (
+            nn.remat(TransformerLayer, static_argnums=(2,)) if self.remat else (TransformerLayer)
+        )
+        for i in range(self.num_layers):
+            x = layer_cls(
+                self.num_heads,
+                self.hidden_size,
+                self.mlp_dim,
+                self.dropout_rate,
+                self.attention_dropout_rate,
+                self.dtype,
+                name=f"TransformerLayer_{i}",
+            )(x, deterministic)
+        return MlmLayer(self.hidden_size, self.vocab_size, self.dtype)(
+            x, word_embeddings, num_logits
+        )

@@ -1,0 +1,176 @@
+import json
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+
+from maskgit_jax import config_lib, official_checkpoint
+from maskgit_jax.models import MaskedTransformer, VQGANTokenizer, build_transformer
+from tests import helpers
+
+
+def _fixture_config(fixtures_dir):
+    return helpers.config_from_fixture(
+        json.loads((fixtures_dir / "official_small/config.json").read_text())
+    )
+
+
+def test_released_small_model_reproduces_authors_outputs(fixtures_dir):
+    config = _fixture_config(fixtures_dir)
+    io = np.load(fixtures_dir / "official_small/io.npz")
+    tokenizer_vars = official_checkpoint.load_official_tokenizer(
+        fixtures_dir / "official_small/tokenizer_checkpoint", config
+    )
+    transformer_vars = official_checkpoint.load_official_transformer(
+        fixtures_dir / "official_small/transformer_checkpoint", config
+    )
+    tokenizer = helpers.build_tokenizer(config)
+    ids = tokenizer.apply(tokenizer_vars, io["images"], method="encode")
+    np.testing.assert_array_equal(np.asarray(ids), io["ids"])
+    recon = tokenizer.apply(tokenizer_vars, io["ids"], method="decode")
+    np.testing.assert_allclose(np.asarray(recon), io["recon"], atol=1e-5, rtol=1e-5)
+
+    transformer = build_transformer(config)
+    # The authors write the mask as -1; ours is the last vocabulary row, the same embedding.
+    seq = np.where(io["seq"] < 0, config_lib.mask_token_id(config), io["seq"])
+    logits = transformer.apply(transformer_vars, seq)
+    np.testing.assert_allclose(np.asarray(logits), io["logits"], atol=1e-5, rtol=1e-5)
+    logits_released_mask = transformer.apply(transformer_vars, io["seq"])
+    np.testing.assert_allclose(np.asarray(logits_released_mask), io["logits"], atol=1e-5)
+
+
+def _listing(path):
+    entries = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, shape, dtype = line.split("\t")
+        entries[name] = (tuple(int(d) for d in re.findall(r"\d+", shape)), dtype)
+    return entries
+
+
+def _flat_shapes(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        "/".join(str(k.key) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+        for path, leaf in flat
+    }
+
+
+@pytest.mark.parametrize("resolution", [256, 512])
+def test_every_released_parameter_name_and_shape(reference_dir, resolution):
+    config = helpers.load_config_file(f"configs/imagenet{resolution}.py")
+    tokenizer = _flat_shapes(official_checkpoint.abstract_tokenizer_params(config))
+    transformer = _flat_shapes(official_checkpoint.abstract_transformer_params(config))
+    assert tokenizer == _listing(reference_dir / f"official_tokenizer_{resolution}.txt")
+    assert transformer == _listing(reference_dir / f"official_transformer_{resolution}.txt")
+    count = lambda shapes: sum(int(np.prod(s)) for s, _ in shapes.values())  # noqa: E731
+    assert count(tokenizer) == 54_515_587
+    assert count(transformer) == {256: 172_457_193, 512: 173_047_017}[resolution]
+
+
+def test_tokenizer_shapes_losses_and_statistics():
+    model = VQGANTokenizer(
+        filters=32, channel_multipliers=(1, 2), num_res_blocks=1, embedding_dim=8, codebook_size=16
+    )
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), images)
+    ids = model.apply(variables, images, method="encode")
+    assert ids.shape == (2, 8, 8) and ids.dtype == jnp.int32
+    assert int(ids.min()) >= 0 and int(ids.max()) < 16
+    decoded = model.apply(variables, ids, method="decode")
+    assert decoded.shape == (2, 16, 16, 3) and decoded.dtype == jnp.float32
+    recon, result = model.apply(variables, images)
+    assert recon.shape == images.shape
+    for name in ("commitment_loss", "codebook_loss", "entropy_loss", "quantizer_loss"):
+        assert result[name].shape == () and np.isfinite(float(result[name])), name
+    np.testing.assert_allclose(float(result["code_counts"].sum()), 2 * 8 * 8)
+    assert 0 < float(result["codebook_usage"]) <= 1
+    assert 1 <= float(result["perplexity"]) <= 16
+    # Straight-through: the decoder input equals the looked-up codes in the forward pass.
+    np.testing.assert_allclose(np.asarray(recon), np.asarray(decoded), atol=1e-5)
+
+
+def test_tokenizer_gradients_reach_encoder_through_straight_through():
+    model = VQGANTokenizer(
+        filters=32, channel_multipliers=(1, 2), num_res_blocks=1, embedding_dim=8, codebook_size=16
+    )
+    images = jax.random.uniform(jax.random.PRNGKey(0), (2, 16, 16, 3))
+    variables = model.init(jax.random.PRNGKey(1), images)
+
+    def loss(params):
+        recon, result = model.apply({"params": params}, images)
+        return jnp.mean((recon - images) ** 2) + result["quantizer_loss"]
+
+    grads = jax.grad(loss)(variables["params"])
+    encoder_norm = optax_global_norm(grads["encoder"])
+    codebook_norm = optax_global_norm(grads["quantizer"])
+    assert encoder_norm > 0 and codebook_norm > 0
+
+
+def optax_global_norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(tree))))
+
+
+def _tiny_transformer(dtype=jnp.float32):
+    return MaskedTransformer(
+        vocab_size=16 + 4 + 1,
+        max_length=17,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        mlp_dim=64,
+        dtype=dtype,
+    )
+
+
+def test_transformer_shapes_logical_names_and_tied_head():
+    model = _tiny_transformer()
+    ids = jax.random.randint(jax.random.PRNGKey(0), (3, 17), 0, 21)
+    variables = model.init(jax.random.PRNGKey(1), ids)
+    allowed = {"batch", "length", "embed", "heads", "kv", "mlp", "vocab"}
+    boxes = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    assert boxes and all(isinstance(b, nn.LogicallyPartitioned) for b in boxes)
+    assert all(set(b.names) <= allowed and len(b.names) == b.value.ndim for b in boxes)
+    logits = model.apply(variables, ids)
+    assert logits.shape == (3, 17, 21) and logits.dtype == jnp.float32
+    codes_only = model.apply(variables, ids, num_logits=16)
+    np.testing.assert_allclose(np.asarray(codes_only), np.asarray(logits[..., :16]), atol=1e-5)
+    # Tied head: changing one embedding row changes that column of the logits.
+    params = nn.unbox(variables)["params"]
+    table = params["Embed_0"]["word_embeddings"]["embedding"]
+    bumped = jax.tree.map(lambda x: x, params)
+    bumped["Embed_0"]["word_embeddings"]["embedding"] = table.at[20].add(
+        jax.random.normal(jax.random.PRNGKey(3), table.shape[1:])
+    )
+    changed = model.apply({"params": bumped}, ids[:, :1].repeat(17, 1) * 0 + 3)
+    base = model.apply({"params": params}, ids[:, :1].repeat(17, 1) * 0 + 3)
+    diff = np.abs(np.asarray(changed - base)).max(axis=(0, 1))
+    assert diff[20] > 1e-3 and diff[:20].max() < 1e-5
+
+
+def test_transformer_dropout_only_in_training():
+    model = _tiny_transformer()
+    ids = jnp.zeros((2, 17), jnp.int32)
+    variables = model.init(jax.random.PRNGKey(1), ids)
+    a = model.apply(variables, ids)
+    b = model.apply(variables, ids)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    c = model.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert np.abs(np.asarray(c - a)).max() > 1e-4
+
+
+def test_bf16_compute_keeps_fp32_params_and_close_logits():
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 21)
+    variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
+    fp32 = _tiny_transformer().apply(variables, ids)
+    bf16 = _tiny_transformer(jnp.bfloat16).apply(variables, ids)
+    assert bf16.dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nn.unbox(variables)))
+    np.testing.assert_allclose(np.asarray(bf16), np.asarray(fp32), atol=0.1)
+    agreement = np.mean(np.argmax(bf16, -1) == np.argmax(fp32, -1))
+    assert agreement > 0.9
