@@ -1,0 +1,253 @@
+"""Tests of the input pipeline and the digits builder; offline, CPU, data under tmp_path."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, PartitionSpec
+
+from maskgit_jax import input_pipeline as ip
+from maskgit_jax.datasets import digits
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+    """Prepares the digits dataset once for the module."""
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("digits", data_dir=data_dir).download_and_prepare()
+    return data_dir
+
+
+def _digits_config(data_dir):
+    config = ip.default_dataset_config()
+    config.name = "digits"
+    config.data_dir = data_dir
+    return config
+
+
+def _fake_source(num_examples):
+    """A source whose labels are the example indices, to follow each example's path."""
+    png = tf.io.encode_png(tf.zeros([4, 6, 1], tf.uint8))
+
+    def read(split, start, end):
+        del split
+        labels = tf.data.Dataset.range(start, end)
+        return labels.map(lambda i: {"image": png, "label": i})
+
+    return ip._Source("fake", num_examples, {"train": num_examples}, read)
+
+
+def _fake_stream(num_examples, *, seed, process_index=0, process_count=1, start_step=0):
+    """Returns the label (= example index) order of a fake source's train stream."""
+    config = ip.default_dataset_config()
+    config.shuffle_buffer = 16
+    ds = ip._train_dataset(
+        _fake_source(num_examples),
+        config,
+        image_size=4,
+        local_batch_size=1,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        start_step=start_step,
+    )
+    return ds
+
+
+def _labels(ds, n):
+    return [int(b["label"][0]) for b in tfds.as_numpy(ds.take(n))]
+
+
+def test_digits_builder(digits_dir):
+    builder = tfds.builder("digits", data_dir=digits_dir)
+    assert builder.info.splits["train"].num_examples == 1797 - digits.NUM_TEST
+    assert builder.info.splits["test"].num_examples == digits.NUM_TEST
+    images, labels = [], []
+    for ex in tfds.as_numpy(builder.as_dataset(split="train")):
+        images.append(ex["image"])
+        labels.append(ex["label"])
+    images = np.stack(images)
+    assert images.shape == (1500, 32, 32, 3) and images.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 255
+    assert set(labels) == set(range(10))
+
+
+def test_train_and_eval_batches(digits_dir):
+    train, evals, info = ip.create_datasets(
+        _digits_config(digits_dir),
+        image_size=16,
+        global_batch_size=50,
+        seed=0,
+        process_index=0,
+        process_count=2,
+    )
+    assert info.num_classes == 10 and info.local_batch_size == 25
+    assert info.eval_split == "test" and info.steps_per_epoch == 1500 // 50
+    batch = next(train)
+    assert set(batch) == {"image", "label"}
+    assert batch["image"].shape == (25, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+    assert batch["label"].shape == (25,) and batch["label"].dtype == np.int32
+    # Eval pads to the same batch count on every process; masks count the real examples.
+    eval_batches = list(evals)
+    assert len(eval_batches) == info.num_eval_batches == 6
+    assert sum(int(b["mask"].sum()) for b in eval_batches) == 297 // 2
+    assert all(b["image"].shape == (25, 16, 16, 3) for b in eval_batches)
+    assert len(list(evals)) == 6  # Re-iterable.
+
+
+def test_shards_disjoint_and_cover_one_epoch():
+    n = 101
+    epochs = []
+    for process_index in range(2):
+        start, end = ip._shard_range(n, process_index, 2)
+        order = _labels(
+            _fake_stream(n, seed=3, process_index=process_index, process_count=2), end - start
+        )
+        assert sorted(order) == list(range(start, end))  # One epoch = a permutation.
+        epochs.append(set(order))
+    assert not epochs[0] & epochs[1]
+    assert epochs[0] | epochs[1] == set(range(n))
+
+
+def test_order_depends_only_on_seed():
+    first = _labels(_fake_stream(60, seed=1), 120)
+    assert first == _labels(_fake_stream(60, seed=1), 120)
+    assert first != _labels(_fake_stream(60, seed=2), 120)
+    assert first[:60] != first[60:]  # Each epoch is shuffled anew.
+
+
+@pytest.mark.parametrize("start_step", [7, 95])
+def test_restart_matches_continuation_fake(start_step):
+    full = _labels(_fake_stream(40, seed=5), start_step + 10)
+    resumed = _labels(_fake_stream(40, seed=5, start_step=start_step), 10)
+    assert resumed == full[start_step:]
+
+
+def test_restart_matches_continuation_digits(digits_dir):
+    config = _digits_config(digits_dir)
+    kwargs = dict(image_size=16, global_batch_size=100, seed=4, process_index=1, process_count=2)
+    train, _, _ = ip.create_datasets(config, **kwargs)
+    full = [next(train) for _ in range(19)]
+    # 15 steps of 50 local examples is one epoch of the 750-example shard: 17 crosses it.
+    resumed, _, info = ip.create_datasets(config, start_step=17, **kwargs)
+    assert info.start_step == 17
+    for step in (17, 18):
+        batch = next(resumed)
+        np.testing.assert_array_equal(batch["label"], full[step]["label"])
+        np.testing.assert_array_equal(batch["image"], full[step]["image"])
+
+
+def _write_image(path, array):
+    encode = tf.io.encode_jpeg if path.endswith(".jpg") else tf.io.encode_png
+    tf.io.write_file(path, encode(tf.constant(array, tf.uint8)))
+
+
+def _folder_dataset(root):
+    """Class "gray" holds grayscale images of value 100, class "red" pure red RGB ones."""
+    for split, count in (("train", 3), ("validation", 2)):
+        for cls in ("gray", "red"):
+            os.makedirs(root / split / cls)
+        for i in range(count):
+            h, w = 20 + 7 * i, 30 - 3 * i
+            _write_image(str(root / split / "gray" / f"{i}.png"), np.full([h, w, 1], 100))
+            red = np.zeros([w, h, 3])
+            red[..., 0] = 255
+            _write_image(str(root / split / "red" / f"{i}.png"), red)
+    _write_image(
+        str(root / "train" / "red" / "extra.jpg"),
+        np.stack([np.full([17, 9], 255), np.zeros([17, 9]), np.zeros([17, 9])], -1),
+    )
+
+
+def test_folder_source(tmp_path):
+    _folder_dataset(tmp_path)
+    config = ip.default_dataset_config()
+    config.name, config.folder, config.random_crop = "folder", str(tmp_path), True
+    train, evals, info = ip.create_datasets(config, image_size=8, global_batch_size=7, seed=0)
+    assert (info.num_classes, info.num_train_examples, info.eval_split) == (2, 7, "validation")
+    batch = next(train)
+    assert batch["image"].shape == (7, 8, 8, 3) and batch["image"].dtype == np.float32
+    assert sorted(batch["label"].tolist()) == [0, 0, 0, 1, 1, 1, 1]
+    gray = np.full(3, 100 / 255)
+    red = np.array([1.0, 0.0, 0.0])
+    for image, label in zip(batch["image"], batch["label"], strict=True):
+        np.testing.assert_allclose(
+            image, np.broadcast_to(red if label else gray, image.shape), atol=0.02
+        )
+    eval_batch = next(iter(evals))
+    assert eval_batch["image"].shape == (7, 8, 8, 3)
+    assert int(eval_batch["mask"].sum()) == 4
+
+
+def test_folder_errors(tmp_path):
+    config = ip.default_dataset_config()
+    config.name = "folder"
+    config.folder = str(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="absent"):
+        ip.create_datasets(config, image_size=8, global_batch_size=2, seed=0)
+    config.folder = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="train"):
+        ip.create_datasets(config, image_size=8, global_batch_size=2, seed=0)
+    os.makedirs(tmp_path / "train" / "cls")
+    (tmp_path / "train" / "cls" / "notes.txt").write_text("not an image")
+    with pytest.raises(FileNotFoundError, match="no class subfolders"):
+        ip.create_datasets(config, image_size=8, global_batch_size=2, seed=0)
+
+
+def test_imagenet_missing_tars(tmp_path):
+    config = ip.default_dataset_config()
+    config.data_dir = str(tmp_path)
+    manual = os.path.join(str(tmp_path), "downloads", "manual")
+    with pytest.raises(FileNotFoundError) as error:
+        ip.create_datasets(config, image_size=16, global_batch_size=2, seed=0)
+    message = str(error.value)
+    assert ip.IMAGENET_TRAIN_TAR in message and ip.IMAGENET_VAL_TAR in message
+    assert manual in message
+    # With a manual_dir holding one tar, only the other is named.
+    config.manual_dir = str(tmp_path / "mine")
+    os.makedirs(config.manual_dir)
+    (tmp_path / "mine" / ip.IMAGENET_TRAIN_TAR).write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as error:
+        ip.create_datasets(config, image_size=16, global_batch_size=2, seed=0)
+    message = str(error.value)
+    assert ip.IMAGENET_TRAIN_TAR not in message and ip.IMAGENET_VAL_TAR in message
+    assert config.manual_dir in message
+
+
+def test_unknown_and_unprepared_names(tmp_path):
+    config = ip.default_dataset_config()
+    config.data_dir = str(tmp_path)
+    config.name = "no_such_dataset_xyz"
+    with pytest.raises(ValueError, match="no_such_dataset_xyz.*digits"):
+        ip.create_datasets(config, image_size=16, global_batch_size=2, seed=0)
+    config.name = "mnist"  # Registered but not prepared: an error, never a download.
+    with pytest.raises(FileNotFoundError, match="not prepared"):
+        ip.create_datasets(config, image_size=16, global_batch_size=2, seed=0)
+
+
+def test_batch_not_divisible_by_process_count(digits_dir):
+    with pytest.raises(ValueError, match="multiple of the process count 4"):
+        ip.create_datasets(
+            _digits_config(digits_dir),
+            image_size=16,
+            global_batch_size=6,
+            seed=0,
+            process_index=0,
+            process_count=4,
+        )
+
+
+def test_make_global_batch_one_device():
+    local = {"image": np.ones([4, 8, 8, 3], np.float32), "label": np.arange(4, dtype=np.int32)}
+    devices = np.array(jax.devices()[:1])
+    for mesh in (Mesh(devices.reshape(1, 1), ("data", "fsdp")), Mesh(devices, ("data",))):
+        batch = ip.make_global_batch(local, mesh)
+        assert isinstance(batch["image"], jax.Array)
+        assert batch["image"].shape == (4, 8, 8, 3) and batch["label"].shape == (4,)
+        np.testing.assert_array_equal(np.asarray(batch["label"]), local["label"])
+    explicit = ip.make_global_batch(local, mesh, PartitionSpec("data"))
+    assert explicit["image"].sharding.spec == PartitionSpec("data")
