@@ -1,0 +1,127 @@
+"""Class-conditional generation: parallel decoding of tokens, then the tokenizer's decoder.
+
+`MaskGITSampler` builds both models from a config once and jit-compiles one program per
+(batch shape, decoding options); later calls with the same shapes reuse it.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from maskgit_jax import config_lib, decoding, mask_schedule, validation
+from maskgit_jax.models import build_tokenizer, build_transformer
+
+Array = jax.Array
+
+
+def class_conditional_inputs(labels: Array, config: ml_collections.ConfigDict) -> Array:
+    """Sequences [B, L]: the class token `codebook_size + label`, then all image tokens masked."""
+    num_tokens = config_lib.sequence_length(config) - 1
+    class_tokens = config.tokenizer.codebook_size + labels.astype(jnp.int32)
+    masked = jnp.full((labels.shape[0], num_tokens), config_lib.mask_token_id(config), jnp.int32)
+    return jnp.concatenate([class_tokens[:, None], masked], axis=1)
+
+
+class MaskGITSampler:
+    """Samples images for class labels from tokenizer and transformer variables.
+
+    `dtype` is the transformer's compute dtype (float32, or bfloat16 with fp32 accumulation).
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, dtype: Any = jnp.float32):
+        self.config = config
+        self.tokenizer = build_tokenizer(config)
+        self.transformer = build_transformer(config, dtype=dtype)
+        self.grid_side = config_lib.tokens_per_side(config)
+
+    def codebook_logits(self, transformer_variables: Any, ids: Array) -> Array:
+        """Logits over the codebook only: the class and mask tokens are never sampled."""
+        return self.transformer.apply(
+            transformer_variables, ids, num_logits=self.config.tokenizer.codebook_size
+        )
+
+    @functools.partial(
+        jax.jit, static_argnames=("self", "num_steps", "schedule", "return_all_steps")
+    )
+    def _generate_tokens(
+        self,
+        transformer_variables,
+        labels,
+        rng,
+        choice_temperature,
+        temperature,
+        *,
+        num_steps,
+        schedule,
+        return_all_steps=False,
+    ):
+        return decoding.decode(
+            class_conditional_inputs(labels, self.config),
+            rng,
+            self.codebook_logits,
+            transformer_variables,
+            mask_token_id=config_lib.mask_token_id(self.config),
+            num_steps=num_steps,
+            choice_temperature=choice_temperature,
+            schedule=schedule,
+            temperature=temperature,
+            return_all_steps=return_all_steps,
+        )
+
+    @functools.partial(jax.jit, static_argnames=("self",))
+    def _decode_images(self, tokenizer_variables, image_tokens):
+        grid = image_tokens.reshape(-1, self.grid_side, self.grid_side)
+        images = self.tokenizer.apply(tokenizer_variables, grid, method="decode")
+        return jnp.clip(images, 0.0, 1.0)
+
+    def _options(self, num_steps, choice_temperature, schedule, temperature):
+        sampling = self.config.sampling
+        num_steps = sampling.num_steps if num_steps is None else num_steps
+        validation.check_num_steps(num_steps)
+        return (
+            num_steps,
+            sampling.choice_temperature if choice_temperature is None else choice_temperature,
+            sampling.schedule if schedule is None else schedule,
+            sampling.temperature if temperature is None else temperature,
+        )
+
+    def generate_tokens(
+        self,
+        transformer_variables: Any,
+        labels,
+        rng: jax.Array,
+        *,
+        num_steps: int | None = None,
+        choice_temperature: float | None = None,
+        schedule: str | None = None,
+        temperature: float | None = None,
+    ) -> Array:
+        """Image tokens [B, L-1] for `labels` [B]; options default to `config.sampling`."""
+        labels = validation.check_labels(labels, self.config.num_classes)
+        num_steps, choice_temperature, schedule, temperature = self._options(
+            num_steps, choice_temperature, schedule, temperature
+        )
+        mask_schedule.validate(schedule)
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {temperature}.")
+        tokens = self._generate_tokens(
+            transformer_variables,
+            jnp.asarray(labels),
+            rng,
+            jnp.float32(choice_temperature),
+            jnp.float32(temperature),
+            num_steps=int(num_steps),
+            schedule=schedule,
+        )
+        return tokens[:, 1:]
+
+    def generate(
+        self, tokenizer_variables: Any, transformer_variables: Any, labels, rng: jax.Array, **kw
+    ) -> np.ndarray:
+        """Images [B, H, W, 3] in [0, 1] for `labels`; keyword options as `generate_tokens`."""
+        tokens = self.generate_tokens(transformer_variables, labels, rng, **kw)
+        return np.asarray(self._decode_images(tokenizer_variables, tokens))
