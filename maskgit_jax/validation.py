@@ -22,7 +22,7 @@ def check_images(images, image_size: int | None = None) -> np.ndarray:
             f"images must be floats in [0, 1]; got dtype {images.dtype} (divide uint8 by 255)."
         )
     low, high = float(images.min()), float(images.max())
-    if low < 0.0 or high > 1.0:
+    if not (low >= 0.0 and high <= 1.0):  # NaN fails too.
         raise ValueError(f"images must lie in [0, 1]; got values in [{low:.3g}, {high:.3g}].")
     return images.astype(np.float32)
 
