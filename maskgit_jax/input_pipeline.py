@@ -10,6 +10,14 @@ from (seed, process_index, epoch); crops and flips use stateless randomness keye
 epoch and skips the undecoded records before the offset, and yields exactly the batches a
 run that never stopped would have seen.
 
+With `global_order` set, every process instead builds the single-process stream over the
+whole split (order from (seed, epoch), augmentation from (seed, epoch, position), process
+index 0 and count 1 in the keys), batches it with the global batch size and keeps only its
+rows [process_index * b, (process_index + 1) * b) of each batch (rows are dropped before
+decoding). The concatenation of the processes' local batches in process order is then the
+same for every process count, and equals the default stream of a single process. Eval does
+the same: global batches padded to a multiple of the global batch size, sliced by rows.
+
 Preprocessing is the usual ImageNet recipe the MaskGIT authors used: train takes a random
 square crop of side min(h, w) (the same as resizing the shorter side and random-cropping)
 and a horizontal flip, then resizes to `image_size` with antialiasing; eval takes the center
@@ -62,7 +70,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     # Split to evaluate on; None = the first of validation, test, val that exists.
     c.eval_split = None
-    # Shuffle buffer in (undecoded) examples per process.
+    # Shuffle buffer in (undecoded) examples per process (of the global stream if global_order).
     c.shuffle_buffer = 10_000
     # Train crops a random square of side min(h, w) (False: the center square).
     c.random_crop = True
@@ -72,6 +80,8 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     c.prefetch = 2
     # Keep the process's undecoded train records in memory after the first epoch.
     c.cache = False
+    # Global batches independent of the process count (every process reads the whole split).
+    c.global_order = False
     return c
 
 
@@ -93,6 +103,8 @@ class PipelineInfo:
     # Eval batches every process yields (the same count on all, padded with mask=False).
     num_eval_batches: int
     start_step: int
+    # Whether global batches are independent of the process count (`config.global_order`).
+    global_order: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -308,6 +320,22 @@ def preprocess_eval(image_bytes: tf.Tensor, image_size: int) -> tf.Tensor:
     return _square_crop_resize(image, (shape[0] - side) // 2, (shape[1] - side) // 2, image_size)
 
 
+def _keep_rows(
+    ds: tf.data.Dataset, global_batch_size: int, local_batch_size: int, process_index: int
+) -> tf.data.Dataset:
+    """Keeps the elements that land in rows [p * local, (p + 1) * local) of global batches.
+
+    `ds` must start at a global batch boundary; elements are dropped before any decoding.
+    """
+    first = process_index * local_batch_size
+
+    def keep(k: tf.Tensor, _) -> tf.Tensor:
+        row = k % global_batch_size
+        return tf.logical_and(row >= first, row < first + local_batch_size)
+
+    return ds.enumerate().filter(keep).map(lambda _, x: x)
+
+
 def _train_dataset(
     source: _Source,
     config: ml_collections.ConfigDict,
@@ -318,9 +346,18 @@ def _train_dataset(
     process_index: int,
     process_count: int,
     start_step: int,
+    global_order: bool = False,
 ) -> tf.data.Dataset:
-    """Returns the infinite batched train stream of this process, starting at `start_step`."""
-    start, end = _shard_range(source.split_sizes[config.train_split], process_index, process_count)
+    """Returns the infinite batched train stream of this process, starting at `start_step`.
+
+    With `global_order`, the stream is this process's rows of the single-process stream
+    batched by the global batch size (see the module docstring).
+    """
+    global_batch_size = local_batch_size * process_count
+    # The data shard read and the process identity keyed into the randomness.
+    shard_index, shard_count = (0, 1) if global_order else (process_index, process_count)
+    stream_batch_size = global_batch_size if global_order else local_batch_size
+    start, end = _shard_range(source.split_sizes[config.train_split], shard_index, shard_count)
     num_local = end - start
     if num_local == 0:
         raise ValueError(f"Process {process_index} has no train examples in its shard.")
@@ -331,9 +368,9 @@ def _train_dataset(
         ds = source.read(config.train_split, start + a, start + b)
         slices.append(ds.cache() if config.cache else ds)
 
-    consumed = start_step * local_batch_size
+    consumed = start_step * stream_batch_size
     start_epoch, offset = divmod(consumed, num_local)
-    process_key = tf.constant([seed, process_index], tf.int64)
+    process_key = tf.constant([seed, shard_index], tf.int64)
 
     def epoch(e: tf.Tensor) -> tf.data.Dataset:
         epoch_key = tf.random.experimental.stateless_fold_in(process_key, e)
@@ -367,6 +404,8 @@ def _train_dataset(
         return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
     ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch)
+    if global_order and process_count > 1:
+        ds = _keep_rows(ds, global_batch_size, local_batch_size, process_index)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     ds = ds.prefetch(config.prefetch)
@@ -382,32 +421,47 @@ def _eval_dataset(
     local_batch_size: int,
     process_index: int,
     process_count: int,
+    global_order: bool = False,
 ) -> tuple[tf.data.Dataset, int]:
     """Returns this process's eval batches (with a bool `mask`) and their count.
 
     Every process yields the same number of full batches, padded with mask=False examples,
-    so multi-process evaluation never waits on a process that ran out.
+    so multi-process evaluation never waits on a process that ran out. With `global_order`,
+    the split is padded to whole global batches and each process keeps its rows of each.
     """
     num = source.split_sizes[split]
-    start, end = _shard_range(num, process_index, process_count)
-    largest_shard = math.ceil(num / process_count)
-    num_batches = math.ceil(largest_shard / local_batch_size)
+    global_batch_size = local_batch_size * process_count
+    if global_order:
+        start, end = 0, num
+        num_batches = math.ceil(num / global_batch_size)
+        stream_batch_size = global_batch_size
+    else:
+        start, end = _shard_range(num, process_index, process_count)
+        num_batches = math.ceil(math.ceil(num / process_count) / local_batch_size)
+        stream_batch_size = local_batch_size
 
+    # Rows stay undecoded until `_keep_rows` has dropped the other processes' rows.
     def preprocess(ex):
-        return {
-            "image": preprocess_eval(ex["image"], image_size),
-            "label": tf.cast(ex["label"], tf.int32),
-            "mask": tf.constant(True),
-        }
+        image = tf.cond(
+            ex["mask"],
+            lambda: preprocess_eval(ex["image"], image_size),
+            lambda: tf.zeros([image_size, image_size, 3], tf.float32),
+        )
+        return {"image": image, "label": tf.cast(ex["label"], tf.int32), "mask": ex["mask"]}
 
-    ds = source.read(split, start, end).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = source.read(split, start, end).map(
+        lambda ex: {"image": ex["image"], "label": ex["label"], "mask": tf.constant(True)}
+    )
     padding = {
-        "image": tf.zeros([image_size, image_size, 3], tf.float32),
-        "label": tf.constant(0, tf.int32),
+        "image": tf.constant(b""),
+        "label": tf.constant(0, tf.int64),
         "mask": tf.constant(False),
     }
-    num_padding = num_batches * local_batch_size - (end - start)
+    num_padding = num_batches * stream_batch_size - (end - start)
     ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_padding))
+    if global_order and process_count > 1:
+        ds = _keep_rows(ds, global_batch_size, local_batch_size, process_index)
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(config.prefetch)
     return ds.with_options(_tf_options()), num_batches
 
@@ -428,7 +482,9 @@ def create_datasets(
     b = global_batch_size // process_count, starting at global step `start_step`. Eval is
     re-iterable and adds "mask": bool [b] (False on padding). Reads `dataset_config` fields
     name, data_dir, manual_dir, folder, train_split, eval_split, shuffle_buffer,
-    random_crop, random_flip, prefetch and cache.
+    random_crop, random_flip, prefetch, cache and global_order (missing: False). With
+    global_order, the processes' batches concatenated in process order are the same for
+    every process count (see the module docstring).
     """
     if process_index is None:
         process_index = jax.process_index()
@@ -446,6 +502,7 @@ def create_datasets(
     if start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0.")
     local_batch_size = global_batch_size // process_count
+    global_order = bool(dataset_config.get("global_order", False))
 
     source = _open_source(dataset_config)
     train_split = dataset_config.train_split
@@ -472,6 +529,7 @@ def create_datasets(
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
+        global_order=global_order,
     )
     eval_ds, num_eval_batches = None, 0
     if eval_split is not None:
@@ -483,6 +541,7 @@ def create_datasets(
             local_batch_size=local_batch_size,
             process_index=process_index,
             process_count=process_count,
+            global_order=global_order,
         )
         eval_ds = tfds.as_numpy(eval_tf)
     num_train = source.split_sizes[train_split]
@@ -498,6 +557,7 @@ def create_datasets(
         steps_per_epoch=num_train // global_batch_size,
         num_eval_batches=num_eval_batches,
         start_step=start_step,
+        global_order=global_order,
     )
     return iter(tfds.as_numpy(train_ds)), eval_ds, info
 

@@ -29,18 +29,33 @@ def _digits_config(data_dir):
 
 
 def _fake_source(num_examples):
-    """A source whose labels are the example indices, to follow each example's path."""
-    png = tf.io.encode_png(tf.zeros([4, 6, 1], tf.uint8))
+    """A source whose labels are the example indices, to follow each example's path.
+
+    Images are 6 x 9 gradients offset by the index, so crops and flips change the pixels.
+    """
+    gradient = tf.constant(np.arange(54).reshape(6, 9, 1) * 4, tf.int64)
+
+    def png(i):
+        return tf.io.encode_png(tf.cast((gradient + 17 * i) % 256, tf.uint8))
 
     def read(split, start, end):
         del split
         labels = tf.data.Dataset.range(start, end)
-        return labels.map(lambda i: {"image": png, "label": i})
+        return labels.map(lambda i: {"image": png(i), "label": i})
 
     return ip._Source("fake", num_examples, {"train": num_examples}, read)
 
 
-def _fake_stream(num_examples, *, seed, process_index=0, process_count=1, start_step=0):
+def _fake_stream(
+    num_examples,
+    *,
+    seed,
+    process_index=0,
+    process_count=1,
+    start_step=0,
+    local_batch_size=1,
+    global_order=False,
+):
     """Returns the label (= example index) order of a fake source's train stream."""
     config = ip.default_dataset_config()
     config.shuffle_buffer = 16
@@ -48,11 +63,12 @@ def _fake_stream(num_examples, *, seed, process_index=0, process_count=1, start_
         _fake_source(num_examples),
         config,
         image_size=4,
-        local_batch_size=1,
+        local_batch_size=local_batch_size,
         seed=seed,
         process_index=process_index,
         process_count=process_count,
         start_step=start_step,
+        global_order=global_order,
     )
     return ds
 
@@ -251,3 +267,108 @@ def test_make_global_batch_one_device():
         np.testing.assert_array_equal(np.asarray(batch["label"]), local["label"])
     explicit = ip.make_global_batch(local, mesh, PartitionSpec("data"))
     assert explicit["image"].sharding.spec == PartitionSpec("data")
+
+
+def _concat(batches):
+    """Concatenates a list of batches (dicts of arrays) along the batch axis."""
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def _global_batches(num_examples, global_batch, process_count, steps, **kwargs):
+    """Returns `steps` fake global batches assembled from every process, stacked."""
+    local = global_batch // process_count
+    per_process = [
+        list(
+            tfds.as_numpy(
+                _fake_stream(
+                    num_examples,
+                    process_index=p,
+                    process_count=process_count,
+                    local_batch_size=local,
+                    **kwargs,
+                ).take(steps)
+            )
+        )
+        for p in range(process_count)
+    ]
+    batches = [_concat(b) for b in zip(*per_process, strict=True)]
+    return {k: np.stack([b[k] for b in batches]) for k in ("image", "label")}
+
+
+def _assert_batches_equal(got, want):
+    assert set(got) == set(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_global_order_fake_is_independent_of_process_count():
+    # 45 examples and batches of 12: epochs end mid-batch; 8 steps cover 2.1 epochs.
+    kwargs = dict(seed=6, global_order=True)
+    single = _global_batches(45, 12, 1, 8, **kwargs)
+    assert single["label"].shape == (8, 12) and single["image"].shape == (8, 12, 4, 4, 3)
+    for epoch in range(2):  # Each epoch is still a permutation of the whole split.
+        assert sorted(single["label"].ravel()[45 * epoch : 45 * (epoch + 1)]) == list(range(45))
+    # Crops and flips vary: the same example looks different in different epochs.
+    first, second = (np.argsort(single["label"].ravel()[45 * e : 45 * (e + 1)]) for e in (0, 1))
+    images = single["image"].reshape(-1, 4, 4, 3)
+    assert not np.array_equal(images[first], images[45 + second])
+    _assert_batches_equal(_global_batches(45, 12, 2, 8, **kwargs), single)
+    _assert_batches_equal(_global_batches(45, 12, 4, 8, **kwargs), single)
+    # On one process the flag changes nothing; per-process shards do depend on the count.
+    _assert_batches_equal(_global_batches(45, 12, 1, 8, seed=6), single)
+    assert not np.array_equal(_global_batches(45, 12, 2, 8, seed=6)["label"], single["label"])
+
+
+def test_global_order_restart_fake():
+    start_step = 8  # 96 examples in: epoch 2, offset 6.
+    kwargs = dict(seed=2, process_count=2, global_order=True)
+    full = _global_batches(45, 12, steps=start_step + 4, **kwargs)
+    resumed = _global_batches(45, 12, steps=4, start_step=start_step, **kwargs)
+    _assert_batches_equal(resumed, {k: v[start_step:] for k, v in full.items()})
+
+
+def _digits_global_batches(data_dir, process_count, global_batch, steps):
+    """Returns `steps` train batches and all eval batches concatenated over the processes."""
+    config = _digits_config(data_dir)
+    config.global_order = True
+    trains, evals = [], []
+    for p in range(process_count):
+        train, eval_ds, info = ip.create_datasets(
+            config,
+            image_size=8,
+            global_batch_size=global_batch,
+            seed=3,
+            process_index=p,
+            process_count=process_count,
+        )
+        assert info.global_order and info.local_batch_size == global_batch // process_count
+        trains.append([next(train) for _ in range(steps)])
+        evals.append(list(eval_ds))
+    return [_concat(b) for b in zip(*trains, strict=True)], [
+        _concat(b) for b in zip(*evals, strict=True)
+    ]
+
+
+def test_global_order_digits_is_independent_of_process_count(digits_dir):
+    train_1, eval_1 = _digits_global_batches(digits_dir, 1, 40, 3)
+    assert len(eval_1) == 8  # ceil(297 / 40) global batches, padded with mask=False.
+    assert sum(int(b["mask"].sum()) for b in eval_1) == 297
+    train_2, eval_2 = _digits_global_batches(digits_dir, 2, 40, 3)
+    assert len(eval_2) == 8
+    for got, want in zip(train_2 + eval_2, train_1 + eval_1, strict=True):
+        _assert_batches_equal(got, want)
+
+
+def test_global_order_restart_digits(digits_dir):
+    config = _digits_config(digits_dir)
+    config.global_order = True
+    kwargs = dict(image_size=8, global_batch_size=200, seed=4, process_index=1, process_count=2)
+    train, _, _ = ip.create_datasets(config, **kwargs)
+    full = [next(train) for _ in range(10)]
+    # 1500 = 7.5 global batches: epoch 1 starts inside step 7; step 8 resumes mid-epoch.
+    resumed, _, info = ip.create_datasets(config, start_step=8, **kwargs)
+    assert info.start_step == 8 and info.local_batch_size == 100
+    for step in (8, 9):
+        batch = next(resumed)
+        np.testing.assert_array_equal(batch["label"], full[step]["label"])
+        np.testing.assert_array_equal(batch["image"], full[step]["image"])
