@@ -12,6 +12,8 @@ INSTALL_REQUIRES = [
     # tfds 4.9.10 imports it when loading catalogue datasets but does not declare it.
     "importlib_resources>=6",
     "clu>=0.0.12,<0.1",
+    # clu.metric_writers writes TensorBoard summaries through it (tensorflow-cpu lacks it).
+    "tensorboard>=2.20,<2.22",
     "ml-collections>=1.1,<2",
     "absl-py>=2",
     "etils[epath]>=1.15",

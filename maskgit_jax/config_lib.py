@@ -13,6 +13,9 @@ TOKENIZER_DOWNSAMPLE = 16
 
 def base_config() -> ml_collections.ConfigDict:
     """Returns the ImageNet 256x256 configuration of the paper and released models."""
+    # Imported here so that building models (which uses the helpers below) needs no TF.
+    from maskgit_jax import input_pipeline, sharding
+
     c = ml_collections.ConfigDict()
     # Which stage `main` trains: "tokenizer" (VQGAN) or "transformer" (MaskGIT MVTM).
     c.stage = "transformer"
@@ -62,6 +65,103 @@ def base_config() -> ml_collections.ConfigDict:
     # Dropout on attention probabilities.
     c.transformer.attention_dropout_rate = 0.1
 
+    # Tokenizer (VQGAN) training; Adam with beta1 0 and beta2 0.99 as the authors configured.
+    c.tokenizer_training = ml_collections.ConfigDict()
+    # Global batch size of the tokenizer stage.
+    c.tokenizer_training.batch_size = 256
+    # Optimizer updates of the tokenizer stage.
+    c.tokenizer_training.num_train_steps = 1_000_000
+    # Peak learning rate of the generator (encoder, quantizer, decoder).
+    c.tokenizer_training.learning_rate = 1e-4
+    # Linear warm-up steps.
+    c.tokenizer_training.warmup_steps = 0
+    # After warm-up: "constant" or "cosine".
+    c.tokenizer_training.lr_schedule = "constant"
+    # Adam first-moment decay.
+    c.tokenizer_training.beta1 = 0.0
+    # Adam second-moment decay.
+    c.tokenizer_training.beta2 = 0.99
+    # Decoupled weight decay (0 = plain Adam).
+    c.tokenizer_training.weight_decay = 0.0
+    # Clip gradients to this global norm (0 disables clipping).
+    c.tokenizer_training.grad_clip_norm = 0.0
+    # Decay of the generator parameter EMA used for evaluation and export (0 disables).
+    c.tokenizer_training.ema_decay = 0.999
+    # Compute dtype of the tokenizer's convolutions.
+    c.tokenizer_training.compute_dtype = "float32"
+    # Weight of the reconstruction loss.
+    c.tokenizer_training.reconstruction_weight = 1.0
+    # Reconstruction loss: "l2" (authors) or "l1".
+    c.tokenizer_training.reconstruction_loss = "l2"
+
+    # Transformer (MVTM) training; the authors' configuration values.
+    c.training = ml_collections.ConfigDict()
+    # Global batch size (split over processes and the data-parallel mesh axes).
+    c.training.batch_size = 256
+    # Optimizer updates to run.
+    c.training.num_train_steps = 2_000_000
+    # Peak learning rate of AdamW.
+    c.training.learning_rate = 1e-4
+    # Linear warm-up steps from 0 to the peak learning rate.
+    c.training.warmup_steps = 5000
+    # After warm-up: "constant" (authors) or "cosine" decay to 0 at num_train_steps.
+    c.training.lr_schedule = "constant"
+    # AdamW first-moment decay.
+    c.training.beta1 = 0.9
+    # AdamW second-moment decay.
+    c.training.beta2 = 0.96
+    # Decoupled weight decay (applied to kernels and embeddings, not biases or norms).
+    c.training.weight_decay = 0.045
+    # Label smoothing of the masked-token cross-entropy.
+    c.training.label_smoothing = 0.1
+    # Mask schedule gamma used to draw each example's mask ratio.
+    c.training.mask_schedule = "cosine"
+    # Probability of replacing the class token by the mask token (classifier-free guidance).
+    c.training.label_dropout = 0.0
+    # Clip gradients to this global norm (0 disables clipping).
+    c.training.grad_clip_norm = 0.0
+    # Decay of the parameter EMA used for samples and export (0 disables EMA).
+    c.training.ema_decay = 0.0
+    # Compute dtype: "float32", or "bfloat16" (fp32 params, accumulation and softmax).
+    c.training.compute_dtype = "float32"
+    # Micro-batches per optimizer step (gradient accumulation inside one jitted step).
+    c.training.grad_accum_steps = 1
+    # Recompute each layer's activations in the backward pass to save memory.
+    c.training.remat = False
+    # Pretrained directory (or tokenizer-stage workdir) of the frozen tokenizer.
+    c.training.tokenizer_checkpoint = ""
+    # Directory of pre-tokenized data written by maskgit_jax.pretokenize ("" = tokenize live).
+    c.training.pretokenized_dir = ""
+    # Fraction of tokens masked in the evaluation loss.
+    c.training.eval_mask_ratio = 0.5
+
+    # Checkpointing (Orbax).
+    c.checkpoint = ml_collections.ConfigDict()
+    # Save every this many steps (and on SIGTERM and at the end).
+    c.checkpoint.every_steps = 5000
+    # Keep this many most recent checkpoints.
+    c.checkpoint.max_to_keep = 3
+    # Write checkpoints in the background while training continues.
+    c.checkpoint.async_save = True
+
+    # Metrics, evaluation and samples.
+    c.logging = ml_collections.ConfigDict()
+    # Write training metrics every this many steps.
+    c.logging.log_every_steps = 100
+    # Evaluate on the eval split every this many steps (0 disables).
+    c.logging.eval_every_steps = 10_000
+    # Batches of the eval split per evaluation (0 = the whole split).
+    c.logging.eval_batches = 10
+    # Write a class-conditional sample grid every this many steps (0 disables).
+    c.logging.sample_every_steps = 10_000
+    # Samples per class in the grid (classes: the first min(num_classes, 10)).
+    c.logging.samples_per_class = 4
+
+    # Input pipeline (see input_pipeline.default_dataset_config for every field).
+    c.dataset = input_pipeline.default_dataset_config()
+    # Device mesh and logical-axis rules (see sharding.default_mesh_config).
+    c.mesh = sharding.default_mesh_config()
+
     # Parallel decoding defaults used for samples and evaluation.
     c.sampling = ml_collections.ConfigDict()
     # Decoding steps T.
@@ -99,3 +199,42 @@ def vocab_size(config: ml_collections.ConfigDict) -> int:
 def mask_token_id(config: ml_collections.ConfigDict) -> int:
     """Returns the mask token id: the last embedding row, as in the released weights."""
     return vocab_size(config) - 1
+
+
+STAGES = ("tokenizer", "transformer", "both")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for config mistakes before anything is built or compiled."""
+    if config.stage not in STAGES:
+        raise ValueError(f"stage={config.stage!r} is unknown; use one of {STAGES}.")
+    tokens_per_side(config)
+    if config.num_classes < 1:
+        raise ValueError(f"num_classes={config.num_classes} must be >= 1.")
+    for name in ("training", "tokenizer_training"):
+        training = config[name]
+        if training.compute_dtype not in ("float32", "bfloat16"):
+            raise ValueError(
+                f"{name}.compute_dtype={training.compute_dtype!r}; use float32 or bfloat16."
+            )
+        if training.batch_size < 1 or training.num_train_steps < 0:
+            raise ValueError(f"{name}.batch_size and num_train_steps must be positive.")
+    if config.training.grad_accum_steps < 1:
+        raise ValueError("training.grad_accum_steps must be >= 1.")
+    if config.training.batch_size % config.training.grad_accum_steps:
+        raise ValueError(
+            f"training.batch_size={config.training.batch_size} is not divisible by "
+            f"training.grad_accum_steps={config.training.grad_accum_steps}."
+        )
+    if config.transformer.hidden_size % config.transformer.num_heads:
+        raise ValueError(
+            f"transformer.hidden_size={config.transformer.hidden_size} is not divisible by "
+            f"num_heads={config.transformer.num_heads}."
+        )
+    if config.stage == "transformer" and not (
+        config.training.tokenizer_checkpoint or config.training.pretokenized_dir
+    ):
+        raise ValueError(
+            "stage='transformer' needs training.tokenizer_checkpoint (a pretrained directory or "
+            "a tokenizer-stage workdir) or training.pretokenized_dir."
+        )

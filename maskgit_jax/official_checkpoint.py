@@ -9,14 +9,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import config_lib
+from maskgit_jax import config_lib, sharding
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 
@@ -89,7 +88,7 @@ def abstract_transformer_params(config: ml_collections.ConfigDict) -> dict[str, 
     model = build_transformer(config)
     ids = jax.ShapeDtypeStruct((1, config_lib.sequence_length(config)), jnp.int32)
     abstract = jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), ids)
-    return nn.unbox(abstract)
+    return sharding.strip_boxes(abstract)
 
 
 def _load(path, expected, what: str) -> dict[str, Any]:
@@ -110,5 +109,5 @@ def load_official_transformer(path: str, config: ml_collections.ConfigDict) -> d
 
 def save_official_format(path: str | epath.PathLike, variables: Mapping[str, Any]) -> None:
     """Writes variables exactly as the authors did (`flax.serialization.to_bytes`)."""
-    plain = jax.tree.map(np.asarray, nn.unbox(dict(variables)))
+    plain = jax.tree.map(np.asarray, sharding.strip_boxes(dict(variables)))
     epath.Path(path).write_bytes(flax.serialization.to_bytes(plain))

@@ -27,8 +27,8 @@ class Pretrained:
     """A config with the tokenizer's and transformer's variables (`{"params": ...}` each)."""
 
     config: ml_collections.ConfigDict
-    tokenizer_variables: dict[str, Any]
-    transformer_variables: dict[str, Any]
+    tokenizer_variables: dict[str, Any] | None
+    transformer_variables: dict[str, Any] | None
 
 
 def _abstract(config: ml_collections.ConfigDict, part: str) -> dict[str, Any]:
@@ -40,25 +40,33 @@ def _abstract(config: ml_collections.ConfigDict, part: str) -> dict[str, Any]:
 def save_pretrained(
     directory: str | epath.PathLike,
     config: ml_collections.ConfigDict,
-    tokenizer_variables: dict[str, Any],
-    transformer_variables: dict[str, Any],
+    tokenizer_variables: dict[str, Any] | None = None,
+    transformer_variables: dict[str, Any] | None = None,
     overwrite: bool = False,
 ) -> epath.Path:
-    """Checks both trees against `config`, then writes config.json and both Orbax trees.
+    """Checks the given trees against `config`, then writes config.json and Orbax trees.
 
-    Refuses to write into a non-empty directory unless `overwrite`, so nothing saved is lost.
+    Either part may be omitted (a tokenizer-stage export has no transformer). Refuses to
+    write into a non-empty directory unless `overwrite`, so nothing saved is lost. Every
+    process must call it (Orbax coordinates multi-host writes); process 0 writes the config.
     """
     directory = epath.Path(directory)
     if directory.exists() and any(directory.iterdir()) and not overwrite:
         raise FileExistsError(f"{directory} is not empty; choose a new output directory.")
-    for part, variables in zip(PARTS, (tokenizer_variables, transformer_variables), strict=True):
+    parts = {
+        part: variables
+        for part, variables in zip(PARTS, (tokenizer_variables, transformer_variables), strict=True)
+        if variables is not None
+    }
+    for part, variables in parts.items():
         official_checkpoint.check_tree_matches(_abstract(config, part), variables, part)
     directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    for part, variables in zip(PARTS, (tokenizer_variables, transformer_variables), strict=True):
+    for part, variables in parts.items():
         checkpointer.save(directory / part, variables, force=overwrite)
     checkpointer.wait_until_finished()
-    (directory / CONFIG_FILE).write_text(config.to_json(indent=2))
+    if jax.process_index() == 0:
+        (directory / CONFIG_FILE).write_text(config.to_json(indent=2))
     return directory
 
 
@@ -71,25 +79,32 @@ def load_config(directory: str | epath.PathLike) -> ml_collections.ConfigDict:
 
 
 def load_pretrained(
-    directory: str | epath.PathLike, config: ml_collections.ConfigDict | None = None
+    directory: str | epath.PathLike,
+    config: ml_collections.ConfigDict | None = None,
+    parts: tuple[str, ...] = PARTS,
+    sharding: jax.sharding.Sharding | None = None,
 ) -> Pretrained:
-    """Loads a pretrained directory, checking names and shapes before reading any array.
+    """Loads the requested parts, checking names and shapes before reading any array.
 
-    `config` defaults to the one saved there; passing another checks that it fits.
+    `config` defaults to the one saved there; passing another checks that it fits. Arrays
+    land with `sharding` (default: the first local device).
     """
     directory = epath.Path(directory)
     config = config or load_config(directory)
+    sharding = sharding or _local_sharding()
     checkpointer = ocp.StandardCheckpointer()
-    restored = []
-    for part in PARTS:
+    restored = {}
+    for part in parts:
+        if not (directory / part).exists():
+            raise FileNotFoundError(f"{directory} has no {part} (expected {directory / part}).")
         abstract = _abstract(config, part)
         found = checkpointer.metadata(directory / part).item_metadata.tree
         official_checkpoint.check_tree_matches(abstract, found, f"{part} at {directory / part}")
         target = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_local_sharding()), abstract
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract
         )
-        restored.append(checkpointer.restore(directory / part, target))
-    return Pretrained(config, *restored)
+        restored[part] = checkpointer.restore(directory / part, target)
+    return Pretrained(config, restored.get("tokenizer"), restored.get("transformer"))
 
 
 def _local_sharding() -> jax.sharding.Sharding:

@@ -132,7 +132,16 @@ def _is_box(x: Any) -> bool:
 
 
 def _unbox_leaf(x: Any) -> Any:
-    return x.unbox() if _is_box(x) else x
+    return x.value if _is_box(x) else x
+
+
+def strip_boxes(tree: Any) -> Any:
+    """Replaces flax Partitioned boxes by their values (arrays, shapes or shardings).
+
+    Unlike `nn.unbox` it applies no sharding constraint, so it is safe eagerly inside a mesh
+    context and on trees of shardings.
+    """
+    return jax.tree.map(_unbox_leaf, tree, is_leaf=_is_box)
 
 
 def fsdp_leaf_spec(shape: Sequence[int], axis_size: int, axis: str, min_size: int) -> PartitionSpec:

@@ -32,29 +32,51 @@ def _logical(init, names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, names)
 
 
-def _fp32_accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, **unused_kwargs):
-    """dot_general with float32 accumulation, returning the operands' dtype.
+class Projection(nn.Module):
+    """Dense layer over the last `num_input_axes` axes, kernel shaped (*inputs, *features).
 
-    For bf16 operands this is the fast path of TPU MXUs, tensor cores and AMX CPUs; for fp32 it
-    is the plain dot.
+    Like flax's DenseGeneral (same parameter names and shapes), but the kernel is created at
+    its final shape so its logical axis names apply from the start, and the matmul
+    accumulates in float32 (the fast path for bf16 on MXUs, tensor cores and AMX).
     """
-    out = jax.lax.dot_general(
-        lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32
-    )
-    return out.astype(lhs.dtype)
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...]
+    num_input_axes: int = 1
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        input_shape = x.shape[x.ndim - self.num_input_axes :]
+        kernel = self.param(
+            "kernel",
+            _logical(truncated_normal_init(), self.kernel_axes),
+            (*input_shape, *self.features),
+        )
+        bias = self.param(
+            "bias", _logical(nn.initializers.zeros_init(), self.bias_axes), self.features
+        )
+        contract = tuple(range(x.ndim - self.num_input_axes, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((contract, tuple(range(self.num_input_axes))), ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        return (y + bias).astype(self.dtype)
 
 
 def _dense(features, names, name, dtype, axis=-1, bias_names=None):
-    """DenseGeneral with logical names on kernel and bias and fp32 accumulation."""
-    kernel_names = names
-    bias_names = bias_names or names[-(len(features) if isinstance(features, tuple) else 1) :]
-    return nn.DenseGeneral(
+    """A Projection with logical names on kernel and bias."""
+    features = features if isinstance(features, tuple) else (features,)
+    num_input_axes = len(axis) if isinstance(axis, tuple) else 1
+    return Projection(
         features,
-        axis=axis,
-        dtype=dtype,
-        kernel_init=_logical(truncated_normal_init(), kernel_names),
-        bias_init=_logical(nn.initializers.zeros_init(), bias_names),
-        dot_general=_fp32_accumulating_dot_general,
+        names,
+        bias_names or names[num_input_axes:],
+        num_input_axes,
+        dtype,
         name=name,
     )
 

@@ -1,0 +1,63 @@
+"""The embedded default: scikit-learn's 8x8 digits (shipped in the package), upscaled to 16x16.
+
+Trains a small tokenizer, then a small transformer on its tokens, and writes a sample grid;
+about 10 minutes on 2 laptop CPU cores. `runlocal`-sized versions of every field below.
+"""
+
+from maskgit_jax import config_lib
+
+
+def get_config():
+    """Tokenizer then transformer on digits, sized for a laptop CPU."""
+    c = config_lib.base_config()
+    # Train the tokenizer, then the transformer on its tokens.
+    c.stage = "both"
+    # 16x16 images -> 4x4 = 16 image tokens (two average pools).
+    c.image_size = 16
+    # The ten digits.
+    c.num_classes = 10
+    # Read the whole (small) dataset in every process: global batches then do not depend on
+    # the process count.
+    c.dataset.name = "digits"
+    c.dataset.global_order = True
+    # Digits are centred: no random crop, and flips would change a digit's identity.
+    c.dataset.random_crop = False
+    c.dataset.random_flip = False
+    c.dataset.shuffle_buffer = 2000
+
+    # A small tokenizer: 16 -> 4x4 latents, 64 codes.
+    c.tokenizer.filters = 32
+    c.tokenizer.channel_multipliers = (1, 2, 2)
+    c.tokenizer.num_res_blocks = 1
+    c.tokenizer.embedding_dim = 32
+    c.tokenizer.codebook_size = 64
+    c.tokenizer.norm_groups = 8
+    c.tokenizer_training.batch_size = 64
+    c.tokenizer_training.num_train_steps = 1500
+    c.tokenizer_training.learning_rate = 1e-3
+    c.tokenizer_training.warmup_steps = 100
+    c.tokenizer_training.ema_decay = 0.99
+
+    # A small transformer over 1 + 16 tokens.
+    c.transformer.hidden_size = 128
+    c.transformer.num_layers = 4
+    c.transformer.num_heads = 4
+    c.transformer.mlp_dim = 512
+    c.training.batch_size = 64
+    c.training.num_train_steps = 3000
+    c.training.learning_rate = 1e-3
+    c.training.warmup_steps = 200
+    c.training.lr_schedule = "cosine"
+    c.training.weight_decay = 0.01
+    c.training.ema_decay = 0.99
+
+    c.checkpoint.every_steps = 500
+    c.checkpoint.max_to_keep = 2
+    c.logging.log_every_steps = 100
+    c.logging.eval_every_steps = 500
+    c.logging.eval_batches = 4
+    c.logging.sample_every_steps = 1000
+    c.logging.samples_per_class = 8
+
+    c.sampling.num_steps = 8
+    return c

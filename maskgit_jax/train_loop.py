@@ -1,0 +1,249 @@
+"""The training loop both stages share: sharded state, resumable checkpoints, metrics, guards.
+
+A stage (tokenizer or transformer) describes itself as a `Stage`: how to build its state,
+its jittable train step, and what to do periodically (evaluate, sample, export). The loop
+owns everything else: the mesh, the Orbax manager, resuming, SIGTERM, NaN checks, writers.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from maskgit_jax import checkpoints, input_pipeline, sharding
+
+PyTree = Any
+StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str, jax.Array]]]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class Stage:
+    """What a training stage provides to the shared loop.
+
+    Attributes:
+      name: "tokenizer" or "transformer" (used in logs).
+      training: the stage's training sub-config (batch_size, num_train_steps, ...).
+      init_state: rng -> train state whose params may carry logical-partitioning boxes.
+      train_step: (state, global batch, constants) -> (state, scalar metrics); jitted by the
+        loop with sharded inputs/outputs and the state donated.
+      constants: frozen inputs of the step (e.g. the tokenizer's params), or None.
+      on_eval: (state, step, writer) -> None, called every `logging.eval_every_steps`.
+      on_sample: (state, step, writer) -> None, called every `logging.sample_every_steps`.
+      export: (state) -> None, writes the stage's models for later use (end of training).
+      batches: (start_step) -> iterator of per-process numpy batches, replacing the image
+        pipeline (e.g. pre-tokenized data).
+    """
+
+    name: str
+    training: ml_collections.ConfigDict
+    init_state: Callable[[jax.Array], PyTree]
+    train_step: StepFn
+    constants: PyTree = None
+    on_eval: Callable[[PyTree, int, Any], None] | None = None
+    on_sample: Callable[[PyTree, int, Any], None] | None = None
+    export: Callable[[PyTree], None] | None = None
+    batches: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None
+
+
+@dataclasses.dataclass
+class ShardedSetup:
+    """The mesh with the state's abstract shapes and shardings (boxes stripped)."""
+
+    mesh: jax.sharding.Mesh
+    rules: Any
+    abstract_state: PyTree
+    state_shardings: PyTree
+    constants_shardings: PyTree
+
+    def activate(self):
+        """Context for tracing: the mesh and the logical-axis rules."""
+        return _Contexts(jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules))
+
+
+class _Contexts:
+    def __init__(self, *contexts):
+        self._contexts = contexts
+
+    def __enter__(self):
+        for context in self._contexts:
+            context.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for context in reversed(self._contexts):
+            context.__exit__(*exc)
+
+
+def create_sharded_setup(
+    config: ml_collections.ConfigDict, stage: Stage, mesh: jax.sharding.Mesh | None = None
+) -> ShardedSetup:
+    """Builds the mesh and derives state shardings from logical names (FSDP fallback)."""
+    mesh = mesh or sharding.create_mesh(config.mesh)
+    sharding.check_batch_divisible(stage.training.batch_size, mesh)
+    rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        boxed = jax.eval_shape(stage.init_state, jax.random.PRNGKey(0))
+        shardings = sharding.strip_boxes(sharding.state_shardings(boxed, mesh, rules))
+        constants_shardings = None
+        if stage.constants is not None:
+            constants_shardings = sharding.state_shardings(stage.constants, mesh, rules)
+    return ShardedSetup(mesh, rules, sharding.strip_boxes(boxed), shardings, constants_shardings)
+
+
+def init_state(setup: ShardedSetup, stage: Stage, seed: int) -> PyTree:
+    """Initialises the state directly sharded (no full copy on any one device)."""
+    with setup.activate():
+        init = jax.jit(
+            lambda rng: sharding.strip_boxes(stage.init_state(rng)),
+            out_shardings=setup.state_shardings,
+        )
+        return init(jax.random.PRNGKey(seed))
+
+
+def jit_train_step(setup: ShardedSetup, stage: Stage) -> Callable:
+    """Jits the stage's step with explicit shardings; the state's buffers are donated."""
+    replicated = jax.sharding.NamedSharding(setup.mesh, jax.sharding.PartitionSpec())
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    return jax.jit(
+        stage.train_step,
+        in_shardings=(setup.state_shardings, batch_sharding, setup.constants_shardings),
+        out_shardings=(setup.state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+    stacked = jax.device_get(history)
+    return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
+
+
+def _check_finite(metrics: dict[str, float], step: int, name: str) -> None:
+    if not np.isfinite(metrics.get("loss", 0.0)):
+        raise NonFiniteLossError(
+            f"{name} training loss is {metrics['loss']} at or before step {step}; stopping. "
+            "The last checkpoint saved before this point is kept; lower the learning rate, "
+            "enable gradient clipping or use float32 compute and resume."
+        )
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stage: Stage,
+    setup: ShardedSetup | None = None,
+) -> PyTree:
+    """Trains `stage` in `workdir`, resuming from its latest readable checkpoint."""
+    training, log_config = stage.training, config.logging
+    workdir = epath.Path(workdir)
+    setup = setup or create_sharded_setup(config, stage)
+    manager = checkpoints.create_checkpoint_manager(
+        workdir / "checkpoints",
+        save_every_steps=config.checkpoint.every_steps,
+        max_to_keep=config.checkpoint.max_to_keep,
+        async_save=config.checkpoint.async_save,
+    )
+    target = sharding.with_shardings(setup.abstract_state, setup.state_shardings)
+    restored = checkpoints.restore_latest(manager, target)
+    if restored is None:
+        state, step = init_state(setup, stage, config.seed), 0
+        logging.info("%s: starting from scratch.", stage.name)
+    else:
+        state, _, step = restored
+        logging.info("%s: resumed from step %d.", stage.name, step)
+
+    if stage.batches is not None:
+        train_iter = stage.batches(step)
+    else:
+        train_iter, _, _ = input_pipeline.create_datasets(
+            config.dataset,
+            image_size=config.image_size,
+            global_batch_size=training.batch_size,
+            seed=config.seed,
+            start_step=step,
+        )
+    step_fn = jit_train_step(setup, stage)
+    constants = None
+    if stage.constants is not None:
+        constants = place_on_mesh(stage.constants, setup.constants_shardings)
+    writer = metric_writers.create_default_writer(
+        str(workdir), just_logging=jax.process_index() > 0
+    )
+    report = periodic_actions.ReportProgress(
+        num_train_steps=training.num_train_steps,
+        writer=writer,
+        every_steps=log_config.log_every_steps,
+    )
+    metadata = {"config": config.to_json(), "stage": stage.name}
+    unchecked: list[dict[str, jax.Array]] = []
+    history: list[dict[str, jax.Array]] = []
+
+    def checked_save(force: bool) -> None:
+        # Never save parameters produced after a non-finite loss.
+        if unchecked:
+            _check_finite(_mean_metrics(unchecked), step, stage.name)
+            unchecked.clear()
+        checkpoints.save(manager, step, state, metadata, force=force)
+
+    preemption = checkpoints.PreemptionHandler().install()
+    try:
+        with setup.activate():
+            while step < training.num_train_steps:
+                batch = input_pipeline.make_global_batch(next(train_iter), setup.mesh)
+                state, metrics = step_fn(state, batch, constants)
+                step += 1
+                history.append(metrics)
+                unchecked.append({"loss": metrics["loss"]})
+                report(step)
+                if step % log_config.log_every_steps == 0 or step == training.num_train_steps:
+                    summary = _mean_metrics(history)
+                    history.clear()
+                    _check_finite(summary, step, stage.name)
+                    unchecked.clear()
+                    writer.write_scalars(step, summary)
+                if manager.should_save(step):
+                    checked_save(force=False)
+                if preemption.should_stop(step):
+                    logging.warning(
+                        "%s: preempted at step %d; saving and exiting.", stage.name, step
+                    )
+                    checked_save(force=True)
+                    break
+                if stage.on_eval and _due(step, log_config.eval_every_steps):
+                    stage.on_eval(state, step, writer)
+                if stage.on_sample and _due(step, log_config.sample_every_steps):
+                    stage.on_sample(state, step, writer)
+            else:
+                if manager.latest_step() != step:
+                    checked_save(force=True)
+                if stage.export:
+                    stage.export(state)
+    finally:
+        preemption.uninstall()
+        manager.wait_until_finished()
+        writer.flush()
+    return state
+
+
+def _due(step: int, every: int) -> bool:
+    return bool(every) and step % every == 0
+
+
+def place_on_mesh(tree: PyTree, shardings: PyTree) -> PyTree:
+    """Places host arrays (identical on every process) as global arrays with `shardings`."""
+
+    def place(x, sharding_):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+    return jax.tree.map(place, tree, shardings)
