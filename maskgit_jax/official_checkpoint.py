@@ -71,9 +71,14 @@ def read_msgpack(path: str | epath.PathLike) -> dict[str, Any]:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     try:
-        return flax.serialization.msgpack_restore(path.read_bytes())
+        restored = flax.serialization.msgpack_restore(path.read_bytes())
     except Exception as error:
         raise ValueError(f"{path} is not a flax msgpack checkpoint: {error}") from error
+    if not isinstance(restored, Mapping):
+        raise ValueError(
+            f"{path} holds a {type(restored).__name__}, not a variables dict {{'params': ...}}."
+        )
+    return restored
 
 
 def abstract_tokenizer_params(config: ml_collections.ConfigDict) -> dict[str, Any]:

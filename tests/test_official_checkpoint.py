@@ -260,11 +260,6 @@ def test_file_that_is_not_msgpack_raises_value_error(models, tmp_path, content):
         official_checkpoint.load_official_tokenizer(path, models["config"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="library bug: msgpack that decodes to a non-mapping reaches _flatten unchecked",
-)
 @pytest.mark.parametrize("content", [b"\x01", b"\x91\x01"])  # The integer 1, the list [1].
 def test_msgpack_that_is_not_a_mapping_raises_value_error(models, tmp_path, content):
     path = tmp_path / "scalar"
