@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import config_lib, sharding
+from maskgit_jax import checkpoints, config_lib, sharding
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 
@@ -23,41 +23,9 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint's parameter tree does not match the model built from the config."""
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def tree_differences(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
-    """Human-readable differences (missing, unexpected, mis-shaped leaves), sorted by path.
-
-    Leaves are anything with a `.shape` (arrays, ShapeDtypeStructs); nested mappings are paths.
-    """
-    expected_flat, found_flat = _flatten(expected), _flatten(found)
-    problems = []
-    for path in sorted(expected_flat.keys() | found_flat.keys()):
-        if path not in found_flat:
-            shape = tuple(expected_flat[path].shape)
-            problems.append(f"missing parameter {path} (expected shape {shape})")
-        elif path not in expected_flat:
-            problems.append(f"unexpected parameter {path} {tuple(found_flat[path].shape)}")
-        elif tuple(expected_flat[path].shape) != tuple(found_flat[path].shape):
-            problems.append(
-                f"parameter {path} has shape {tuple(found_flat[path].shape)}, "
-                f"the config expects {tuple(expected_flat[path].shape)}"
-            )
-    return problems
-
-
 def check_tree_matches(expected: Mapping[str, Any], found: Mapping[str, Any], what: str) -> None:
     """Raises CheckpointMismatchError naming the first difference, and how many there are."""
-    problems = tree_differences(expected, found)
+    problems = checkpoints.compare_trees(expected, found)
     if problems:
         more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
         raise CheckpointMismatchError(

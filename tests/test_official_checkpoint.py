@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskgit_jax import official_checkpoint, pretrained
+from maskgit_jax import checkpoints, official_checkpoint, pretrained
 from maskgit_jax.models import build_tokenizer, build_transformer
 from maskgit_jax.official_checkpoint import CheckpointMismatchError
 from tests.conftest import REPO_ROOT
@@ -88,8 +88,8 @@ def _plain(variables):
 
 
 def _assert_trees_equal(expected, found):
-    expected_flat = official_checkpoint._flatten(_plain(expected))
-    found_flat = official_checkpoint._flatten(found)
+    expected_flat = checkpoints.flatten_with_names(_plain(expected))
+    found_flat = checkpoints.flatten_with_names(found)
     assert sorted(expected_flat) == sorted(found_flat)
     for path, value in expected_flat.items():
         np.testing.assert_array_equal(np.asarray(found_flat[path]), value, err_msg=path)
@@ -177,7 +177,7 @@ def test_removed_parameter_is_named_missing(models, tmp_path, part, module, name
     path = _edited(models, part, tmp_path, edit)
     expected = (
         f"{part} checkpoint {path} does not match the model built from the config: "
-        f"missing parameter params/{module}/{name} (expected shape {shape})."
+        f"missing: params/{module}/{name} (expected shape {shape})."
     )
     with pytest.raises(CheckpointMismatchError, match=f"^{re.escape(expected)}$"):
         _load(part, path, models["config"])
@@ -190,7 +190,7 @@ def test_extra_parameter_is_named_unexpected(models, tmp_path):
     path = _edited(models, "tokenizer", tmp_path, edit)
     with pytest.raises(
         CheckpointMismatchError,
-        match=re.escape("unexpected parameter params/encoder/Extra_0/kernel (3, 2)"),
+        match=re.escape("unexpected: params/encoder/Extra_0/kernel (shape (3, 2))"),
     ):
         _load("tokenizer", path, models["config"])
 
@@ -201,8 +201,8 @@ def test_misshaped_parameter_names_both_shapes(models, tmp_path):
 
     path = _edited(models, "transformer", tmp_path, edit)
     expected = (
-        "parameter params/Embed_0/position_embeddings/embedding has shape (9, 16), "
-        "the config expects (17, 16)"
+        "shape mismatch: params/Embed_0/position_embeddings/embedding: "
+        "expected (17, 16), found (9, 16)"
     )
     with pytest.raises(CheckpointMismatchError, match=re.escape(expected)):
         _load("transformer", path, models["config"])
@@ -218,7 +218,7 @@ def test_several_differences_name_the_first_and_count_the_rest(models, tmp_path)
     # Sorted by path: decoder/Conv_0 (shape), quantizer/codebook (missing), zz_extra (extra).
     with pytest.raises(
         CheckpointMismatchError,
-        match=r"params/decoder/Conv_0/bias has shape \(5,\), the config expects \(\d+,\) "
+        match=r"shape mismatch: params/decoder/Conv_0/bias: expected \(\d+,\), found \(5,\) "
         r"\(and 2 more differences\)\.$",
     ):
         _load("tokenizer", path, models["config"])
@@ -229,15 +229,15 @@ def test_config_with_another_codebook_size_is_rejected(models):
     config.tokenizer.codebook_size = 32
     with pytest.raises(
         CheckpointMismatchError,
-        match=re.escape("params/quantizer/codebook has shape (16, 4), the config expects (32, 4)"),
+        match=re.escape("params/quantizer/codebook: expected (32, 4), found (16, 4)"),
     ):
         official_checkpoint.load_official_tokenizer(models["tokenizer_path"], config)
     # The transformer's vocabulary (codes + classes + mask) grows with the codebook too.
     with pytest.raises(
         CheckpointMismatchError,
         match=re.escape(
-            "params/Embed_0/word_embeddings/embedding has shape (21, 16), "
-            "the config expects (37, 16) (and 1 more differences)"
+            "params/Embed_0/word_embeddings/embedding: expected (37, 16), found (21, 16) "
+            "(and 1 more differences)"
         ),
     ):
         official_checkpoint.load_official_transformer(models["transformer_path"], config)
@@ -335,7 +335,7 @@ def test_load_pretrained_with_another_config_names_the_first_difference(models, 
     config.tokenizer.codebook_size = 32
     expected = (
         f"tokenizer at {output / 'tokenizer'} does not match the model built from the config: "
-        "parameter params/quantizer/codebook has shape (16, 4), the config expects (32, 4)."
+        "shape mismatch: params/quantizer/codebook: expected (32, 4), found (16, 4)."
     )
     with pytest.raises(CheckpointMismatchError, match=f"^{re.escape(expected)}$"):
         pretrained.load_pretrained(output, config)
@@ -347,8 +347,8 @@ def test_load_pretrained_with_another_config_names_the_first_difference(models, 
         CheckpointMismatchError,
         match=re.escape(
             f"transformer at {output / 'transformer'} does not match the model built from the "
-            "config: parameter params/Embed_0/word_embeddings/embedding has shape (21, 16), "
-            "the config expects (22, 16) (and 1 more differences)."
+            "config: shape mismatch: params/Embed_0/word_embeddings/embedding: "
+            "expected (22, 16), found (21, 16) (and 1 more differences)."
         ),
     ):
         pretrained.load_pretrained(output, config)
