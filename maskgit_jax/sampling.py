@@ -26,6 +26,15 @@ def class_conditional_inputs(labels: Array, config: ml_collections.ConfigDict) -
     return jnp.concatenate([class_tokens[:, None], masked], axis=1)
 
 
+def cast_floating(tree: Any, dtype: Any) -> Any:
+    """Casts the floating-point leaves of `tree` to `dtype` (no-op for float32)."""
+    if jnp.dtype(dtype) == jnp.float32:
+        return tree
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
 class MaskGITSampler:
     """Samples images for class labels from tokenizer and transformer variables.
 
@@ -59,6 +68,8 @@ class MaskGITSampler:
         schedule,
         return_all_steps=False,
     ):
+        # Cast the weights to the compute dtype once, not in every decoding step.
+        transformer_variables = cast_floating(transformer_variables, self.transformer.dtype)
         return decoding.decode(
             class_conditional_inputs(labels, self.config),
             rng,

@@ -4,7 +4,8 @@ Module names (`Embed_0/word_embeddings`, `TransformerLayer_3/Attention_0/self_at
 `MlmLayer_0/mlm_bias`) are the authors'. Every parameter carries logical axis names
 (batch, length, embed, heads, kv, mlp, vocab) so sharding is declared by rules, not placed by
 hand. `dtype` is the compute dtype: with bfloat16, matmuls take bf16 operands and accumulate
-in float32, and softmax and LayerNorm statistics stay in float32; parameters stay float32.
+in float32; matmul outputs, the residual adds, GELU, softmax and LayerNorm statistics stay in
+float32, and LayerNorm outputs (the next matmuls' inputs) are bf16. Parameters stay float32.
 """
 
 import math
@@ -36,8 +37,9 @@ class Projection(nn.Module):
     """Dense layer over the last `num_input_axes` axes, kernel shaped (*inputs, *features).
 
     Like flax's DenseGeneral (same parameter names and shapes), but the kernel is created at
-    its final shape so its logical axis names apply from the start, and the matmul
-    accumulates in float32 (the fast path for bf16 on MXUs, tensor cores and AMX).
+    its final shape so its logical axis names apply from the start, and the matmul takes
+    `dtype` operands and accumulates and returns float32 (the fast path for bf16 on MXUs,
+    tensor cores and AMX; consumers cast where they feed another matmul).
     """
 
     features: tuple[int, ...]
@@ -64,7 +66,7 @@ class Projection(nn.Module):
             ((contract, tuple(range(self.num_input_axes))), ((), ())),
             preferred_element_type=jnp.float32,
         )
-        return (y + bias).astype(self.dtype)
+        return y + bias
 
 
 def _dense(features, names, name, dtype, axis=-1, bias_names=None):
@@ -142,8 +144,9 @@ class SelfAttention(nn.Module):
         def projection(name):
             return _dense(shape, ("embed", "heads", "kv"), name, self.dtype)(x)
 
-        query = projection("query") / jnp.asarray(math.sqrt(head_dim), self.dtype)
-        key, value = projection("key"), projection("value")
+        query = (projection("query") / math.sqrt(head_dim)).astype(self.dtype)
+        key = projection("key").astype(self.dtype)
+        value = projection("value").astype(self.dtype)
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(scores, axis=-1)
         if not deterministic and self.attention_dropout_rate > 0:
@@ -152,7 +155,7 @@ class SelfAttention(nn.Module):
             )
         context = jnp.einsum(
             "bhqk,bkhd->bqhd", probs.astype(self.dtype), value, preferred_element_type=jnp.float32
-        ).astype(self.dtype)
+        )
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
         return _dense(
             self.hidden_size,
