@@ -6,7 +6,8 @@ builder splits them) at 8x8, reports its accuracy on the held-out 297, then gene
 `WORKDIR/transformer/pretrained`) and reports how often the classifier agrees with the
 requested class.
 
-  python benchmarks/digits_sample_accuracy.py --pretrained=/tmp/maskgit_digits/transformer/pretrained
+  python benchmarks/digits_sample_accuracy.py \
+    --pretrained=/tmp/maskgit_digits/transformer/pretrained
 """
 
 import argparse

@@ -48,7 +48,9 @@ def main():
         print(f"matmul peak {name} (2048^2, fp32 accumulation): {peak / 1e9:.0f} GFLOP/s")
 
     labels = np.arange(args.batch) % config.num_classes
-    samplers = {name: sampling.MaskGITSampler(config, dtype=jnp.dtype(name)) for name in args.dtypes}
+    samplers = {
+        name: sampling.MaskGITSampler(config, dtype=jnp.dtype(name)) for name in args.dtypes
+    }
     any_sampler = next(iter(samplers.values()))
     ids = sampling.class_conditional_inputs(jnp.asarray(labels), config)
     variables = jax.jit(any_sampler.transformer.init)(jax.random.PRNGKey(0), ids)
@@ -59,6 +61,7 @@ def main():
     rows = {}
     for name, sampler in samplers.items():
         for steps in args.steps:
+
             def run(sampler=sampler, steps=steps):
                 return sampler.generate_tokens(
                     variables, labels, jax.random.PRNGKey(1), num_steps=steps
@@ -75,7 +78,8 @@ def main():
             )
     if "float32" in samplers and "bfloat16" in samplers:
         for steps in args.steps:
-            print(f"bf16/fp32 speed-up T={steps}: {rows['bfloat16', steps] / rows['float32', steps]:.2f}x")
+            ratio = rows["bfloat16", steps] / rows["float32", steps]
+            print(f"bf16/fp32 speed-up T={steps}: {ratio:.2f}x")
         # One forward pass on a half-masked sequence, with weights cast as decoding casts them.
         half_known = ids.at[:, 1::2].set(jnp.asarray(labels)[:, None] % codebook)
         forward = {
@@ -84,15 +88,13 @@ def main():
             )
             for name, s in samplers.items()
         }
-        agreement = np.mean(
-            np.argmax(forward["bfloat16"], -1) == np.argmax(forward["float32"], -1)
-        )
+        agreement = np.mean(np.argmax(forward["bfloat16"], -1) == np.argmax(forward["float32"], -1))
         print(f"bf16 argmax tokens equal to fp32 on one forward pass: {100 * agreement:.2f}%")
 
     if args.with_images:
         sampler = samplers[args.dtypes[0]]
-        images = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
-        tok_vars = jax.jit(lambda k: sampler.tokenizer.init(k, jnp.zeros(images.shape), train=False))(
+        image = jnp.zeros((1, config.image_size, config.image_size, 3))
+        tok_vars = jax.jit(lambda k: sampler.tokenizer.init(k, image, train=False))(
             jax.random.PRNGKey(2)
         )
         tokens = jnp.zeros((args.batch, config_lib.sequence_length(config) - 1), jnp.int32)
