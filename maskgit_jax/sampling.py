@@ -136,3 +136,15 @@ class MaskGITSampler:
         """Images [B, H, W, 3] in [0, 1] for `labels`; keyword options as `generate_tokens`."""
         tokens = self.generate_tokens(transformer_variables, labels, rng, **kw)
         return np.asarray(self._decode_images(tokenizer_variables, tokens))
+
+    def decode_tokens(self, tokenizer_variables: Any, tokens) -> np.ndarray:
+        """Images [B, H, W, 3] in [0, 1] for image tokens [B, h*w] or [B, h, w]."""
+        tokens = validation.check_token_ids(tokens, self.config.tokenizer.codebook_size)
+        if tokens.ndim == 3:
+            tokens = tokens.reshape(len(tokens), -1)
+        if tokens.ndim != 2 or tokens.shape[1] != self.grid_side**2:
+            raise ValueError(
+                f"tokens must be [B, {self.grid_side**2}] or [B, {self.grid_side}, "
+                f"{self.grid_side}] for this model; got shape {tokens.shape}."
+            )
+        return np.asarray(self._decode_images(tokenizer_variables, jnp.asarray(tokens)))

@@ -69,8 +69,24 @@ def test_images_decode_the_generated_tokens(setup):
     # The images are the tokenizer's decoding of the tokens drawn with the same key.
     tokens = _tokens(setup, seed=0)
     assert tokens.shape == (3, 16)
-    decoded = setup["sampler"]._decode_images(setup["tokenizer_vars"], tokens)
-    np.testing.assert_array_equal(np.asarray(decoded), setup["first"])
+    decoded = setup["sampler"].decode_tokens(setup["tokenizer_vars"], tokens)
+    np.testing.assert_array_equal(decoded, setup["first"])
+    grid = setup["sampler"].decode_tokens(setup["tokenizer_vars"], tokens.reshape(3, 4, 4))
+    np.testing.assert_array_equal(grid, setup["first"])
+
+
+@pytest.mark.parametrize(
+    "tokens, match",
+    [
+        (np.full((1, 16), CODEBOOK_SIZE), f"token id {CODEBOOK_SIZE} is outside the codebook"),
+        (np.full((1, 16), -1), "token id -1 is outside the codebook"),
+        (np.zeros((1, 15), np.int32), r"tokens must be \[B, 16\]"),
+        (np.zeros((1, 16), np.float32), "token ids must be integers"),
+    ],
+)
+def test_decode_tokens_rejects_bad_ids(setup, tokens, match):
+    with pytest.raises(ValueError, match=match):
+        setup["sampler"].decode_tokens(setup["tokenizer_vars"], tokens)
 
 
 def test_class_conditional_inputs_put_the_class_token_first(setup):
