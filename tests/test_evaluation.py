@@ -366,3 +366,30 @@ def test_preprocess_matches_tensorflow_bilinear():
     np.testing.assert_allclose(got, 2 * want - 1, atol=1e-5)
     same = np.asarray(inception.preprocess(np.full((1, 299, 299, 1), 0.25, np.float32)))
     np.testing.assert_allclose(same, np.full((1, 299, 299, 3), -0.5))
+
+
+def test_evaluate_report_from_sampled_outputs():
+    import jax
+
+    from maskgit_jax import evaluate
+
+    def sample_fn(labels, rng):
+        noise = np.asarray(jax.random.normal(rng, (len(labels), 4)))
+        return np.concatenate([np.eye(6)[labels] * 5.0, noise], axis=1)
+
+    def inception_fn(images):
+        return {"pool_3": images, "logits": images[:, :6] * 4.0}
+
+    labels = np.arange(60) % 6
+    outputs = evaluate.sample_outputs(
+        sample_fn, inception_fn, labels, jax.random.PRNGKey(0), batch_size=16
+    )
+    assert outputs["pool_3"].shape == (60, 10) and outputs["logits"].shape == (60, 6)
+    mu, sigma = metrics.compute_statistics(outputs["pool_3"])
+    result = evaluate.report(outputs, {"mu": mu, "sigma": sigma}, splits=2, k=3)
+    assert result["fid"] == pytest.approx(0.0, abs=1e-6) and "precision" not in result
+    assert 5.0 < result["inception_score"] <= 6.0
+    with_features = {"mu": mu + 1.0, "sigma": sigma, "features": outputs["pool_3"]}
+    result = evaluate.report(outputs, with_features, splits=2, k=3)
+    assert result["fid"] == pytest.approx(10.0, rel=1e-6)
+    assert (result["precision"], result["recall"]) == (1.0, 1.0)

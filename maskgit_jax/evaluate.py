@@ -1,0 +1,234 @@
+r"""FID, Inception Score and precision/recall of a pretrained MaskGIT, and reference statistics.
+
+Samples (class labels 0, 1, ..., num_classes-1 repeated up to --num_samples):
+
+  python -m maskgit_jax.evaluate --checkpoint=PRETRAINED_DIR \
+    --inception=classify_image_graph_def.pb --reference=STATS.npz \
+    --num_samples=50000 --batch_size=64 [--acceptance_rate=0.05 \
+    --inception_label_map=imagenet_2012_challenge_label_map_proto.pbtxt]
+
+Reference statistics of a dataset's eval split (any dataset the input pipeline reads):
+
+  python -m maskgit_jax.evaluate --mode=reference --config=configs/imagenet256.py \
+    --inception=classify_image_graph_def.pb --output=STATS.npz [--keep_features]
+
+--inception is TensorFlow's 2015-12-05 graph (`classify_image_graph_def.pb`, or the
+inception-2015-12-05.tgz that holds it; see `maskgit_jax.evaluation.inception`).
+Precision/recall need the reference's raw features (--keep_features when writing it).
+Batches are split over this process's devices; with several processes each samples its
+share of the labels and the features are gathered before the metrics are computed.
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from ml_collections import config_flags
+
+from maskgit_jax import pretrained, sampling
+from maskgit_jax.evaluation import inception, metrics, rejection
+
+_MODE = flags.DEFINE_enum("mode", "sample", ["sample", "reference"], "What to compute.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretrained directory (sample mode).")
+_INCEPTION = flags.DEFINE_string(
+    "inception", None, "classify_image_graph_def.pb or inception-2015-12-05.tgz."
+)
+_REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (sample mode).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50000, "Images to sample.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch and process.")
+_ACCEPTANCE_RATE = flags.DEFINE_float(
+    "acceptance_rate", 1.0, "Fraction of candidates kept per class by rejection sampling."
+)
+_LABEL_MAP = flags.DEFINE_string(
+    "inception_label_map",
+    None,
+    "imagenet_2012_challenge_label_map_proto.pbtxt from the same .tgz: maps ImageNet class "
+    "ids to the Inception graph's logit columns (needed for --acceptance_rate < 1).",
+)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SPLITS = flags.DEFINE_integer("is_splits", 10, "Inception Score splits.")
+_K = flags.DEFINE_integer("pr_k", 3, "Nearest neighbours of precision/recall manifolds.")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config (reference mode).")
+_OUTPUT = flags.DEFINE_string(
+    "output",
+    None,
+    "Reference mode: .npz to write. Sample mode: optional .npz of the samples' "
+    "statistics and features.",
+)
+_KEEP_FEATURES = flags.DEFINE_bool(
+    "keep_features", False, "Also store the raw features (for precision/recall)."
+)
+
+
+def local_mesh() -> Mesh:
+    """A 1-D ("data",) mesh over this process's devices."""
+    return Mesh(np.array(jax.local_devices()), ("data",), axis_types=(AxisType.Auto,))
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+    """Concatenates every process's rows (in process order)."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def process_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """Labels of this process: its share of 0..num_classes-1 repeated up to `num_samples`."""
+    labels = np.arange(num_samples) % num_classes
+    return np.array_split(labels, jax.process_count())[jax.process_index()]
+
+
+class ShardedSampler:
+    """Images for a batch of labels, the batch split over `mesh` (one compiled program)."""
+
+    def __init__(self, model: pretrained.Pretrained, mesh: Mesh):
+        self.sampler = sampling.MaskGITSampler(model.config)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.tokenizer_variables = jax.device_put(model.tokenizer_variables, replicated)
+        self.transformer_variables = jax.device_put(model.transformer_variables, replicated)
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        s = model.config.sampling
+        self.options = dict(num_steps=int(s.num_steps), schedule=s.schedule)
+        self.choice_temperature = jnp.float32(s.choice_temperature)
+        self.temperature = jnp.float32(s.temperature)
+
+    def __call__(self, labels: np.ndarray, rng: jax.Array) -> jax.Array:
+        labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
+        # The sampler's jitted cores, called on sharded labels so that GSPMD splits the batch.
+        tokens = self.sampler._generate_tokens(
+            self.transformer_variables,
+            labels,
+            rng,
+            self.choice_temperature,
+            self.temperature,
+            **self.options,
+        )
+        return self.sampler._decode_images(self.tokenizer_variables, tokens[:, 1:])
+
+
+def sample_outputs(
+    sample_fn: Any,
+    inception_fn: Any,
+    labels: np.ndarray,
+    rng: jax.Array,
+    *,
+    batch_size: int,
+    acceptance_rate: float = 1.0,
+    class_index: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """{"pool_3", "logits"} of the (rejection-)sampled images for `labels`."""
+    return rejection.rejection_sample(
+        sample_fn,
+        inception_fn,
+        labels,
+        rng,
+        acceptance_rate=acceptance_rate,
+        batch_size=batch_size,
+        class_index=class_index,
+        keep_fn=lambda images, out: {"pool_3": out["pool_3"], "logits": out["logits"]},
+    )
+
+
+def report(
+    outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, splits: int, k: int
+) -> dict[str, float]:
+    """FID against `reference`, IS, and precision/recall when the reference has features."""
+    mu, sigma = metrics.compute_statistics(outputs["pool_3"])
+    result = {"fid": metrics.fid_from_stats(mu, sigma, reference["mu"], reference["sigma"])}
+    result["inception_score"], result["inception_score_std"] = metrics.inception_score(
+        outputs["logits"], splits=splits, from_logits=True
+    )
+    if "features" in reference:
+        result["precision"], result["recall"] = metrics.precision_recall(
+            reference["features"], outputs["pool_3"], k=k
+        )
+    return result
+
+
+def evaluate_samples() -> dict[str, float]:
+    """Sample mode: samples, Inception outputs, metrics."""
+    for name, flag in (("checkpoint", _CHECKPOINT), ("reference", _REFERENCE)):
+        if not flag.value:
+            raise app.UsageError(f"--{name} is required in sample mode.")
+    reference = metrics.load_statistics(_REFERENCE.value)
+    class_index = None
+    if _ACCEPTANCE_RATE.value < 1.0:
+        if not _LABEL_MAP.value:
+            raise app.UsageError(
+                "--acceptance_rate < 1 ranks samples by the Inception network's class "
+                "probability and needs --inception_label_map (see evaluation/rejection.py)."
+            )
+        class_index = rejection.inception_class_index(_LABEL_MAP.value)
+    mesh = local_mesh()
+    if _BATCH_SIZE.value % mesh.size:
+        raise app.UsageError(f"--batch_size must be a multiple of the {mesh.size} local devices.")
+    model = pretrained.load_pretrained(_CHECKPOINT.value)
+    inception_fn = inception.make_apply_fn(inception.load_inception_params(_INCEPTION.value), mesh)
+    labels = process_labels(_NUM_SAMPLES.value, model.config.num_classes)
+    rng = jax.random.fold_in(jax.random.PRNGKey(_SEED.value), jax.process_index())
+    outputs = sample_outputs(
+        ShardedSampler(model, mesh),
+        inception_fn,
+        labels,
+        rng,
+        batch_size=_BATCH_SIZE.value,
+        acceptance_rate=_ACCEPTANCE_RATE.value,
+        class_index=class_index,
+    )
+    outputs = {key: _gather(value) for key, value in outputs.items()}
+    if _OUTPUT.value and jax.process_index() == 0:
+        metrics.save_statistics(_OUTPUT.value, outputs["pool_3"], keep_features=True)
+    return report(outputs, reference, splits=_SPLITS.value, k=_K.value)
+
+
+def reference_features(config: Any, inception_fn: Any, batch_size: int) -> np.ndarray:
+    """Inception pool_3 features of every example of the config's dataset eval split."""
+    from maskgit_jax import input_pipeline  # TensorFlow input pipeline: reference mode only
+
+    _, eval_ds, info = input_pipeline.create_datasets(
+        config.dataset,
+        image_size=config.image_size,
+        global_batch_size=batch_size * jax.process_count(),
+        seed=config.seed,
+    )
+    if eval_ds is None:
+        raise ValueError(f"dataset {info.name!r} has no eval split; set dataset.eval_split.")
+    features = []
+    for batch in eval_ds:
+        mask = np.asarray(batch["mask"], bool)
+        features.append(inception_fn(batch["image"])["pool_3"][mask])
+    return np.concatenate(features)
+
+
+def write_reference() -> dict[str, Any]:
+    """Reference mode: features of a dataset's eval split -> statistics file."""
+    if _CONFIG.value is None or not _OUTPUT.value:
+        raise app.UsageError("--config and --output are required in reference mode.")
+    inception_fn = inception.make_apply_fn(
+        inception.load_inception_params(_INCEPTION.value), local_mesh()
+    )
+    features = _gather(reference_features(_CONFIG.value, inception_fn, _BATCH_SIZE.value))
+    if jax.process_index() == 0:
+        metrics.save_statistics(_OUTPUT.value, features, keep_features=_KEEP_FEATURES.value)
+    return {"num_examples": len(features), "output": _OUTPUT.value}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not _INCEPTION.value:
+        raise app.UsageError("--inception is required (" + inception.DOWNLOAD_HELP + ")")
+    result = evaluate_samples() if _MODE.value == "sample" else write_reference()
+    if jax.process_index() == 0:
+        for key, value in result.items():
+            logging.info("%s: %s", key, value)
+            print(f"{key}: {value}")
+
+
+if __name__ == "__main__":
+    app.run(main)
