@@ -37,6 +37,9 @@ def get_config():
     c.tokenizer_training.learning_rate = 1e-3
     c.tokenizer_training.warmup_steps = 100
     c.tokenizer_training.ema_decay = 0.99
+    # No pretrained perceptual network ships offline, and digits need no adversarial loss.
+    c.tokenizer_training.perceptual_weight = 0.0
+    c.tokenizer_training.gan_weight = 0.0
 
     # A small transformer over 1 + 16 tokens.
     c.transformer.hidden_size = 128

@@ -93,6 +93,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer_training.reconstruction_weight = 1.0
     # Reconstruction loss: "l2" (authors) or "l1".
     c.tokenizer_training.reconstruction_loss = "l2"
+    # Weight of the perceptual (VGG16 feature) loss; 0 trains without a perceptual network.
+    c.tokenizer_training.perceptual_weight = 0.1
+    # Directory of VGG16 weights converted by `python -m maskgit_jax.convert_perceptual`.
+    c.tokenizer_training.perceptual_checkpoint = ""
+    # Weight of the generator's adversarial loss (0 disables the discriminator).
+    c.tokenizer_training.gan_weight = 0.1
+    # GAN loss: "non_saturating" (authors) or "hinge".
+    c.tokenizer_training.gan_loss = "non_saturating"
+    # Step at which the adversarial loss and discriminator updates start.
+    c.tokenizer_training.gan_start_step = 0
+    # Discriminator updates per generator update.
+    c.tokenizer_training.disc_steps = 1
+    # Discriminator learning rate (Adam with the same betas as the generator).
+    c.tokenizer_training.disc_learning_rate = 1e-4
+    # Cost of the R1 gradient penalty on real images (cost * mean |grad D|^2).
+    c.tokenizer_training.r1_cost = 10.0
+    # Weight of LeCam regularisation of the discriminator (0 disables it).
+    c.tokenizer_training.lecam_weight = 0.0
+    # Decay of the running per-code usage (metrics and dead-code restarts).
+    c.tokenizer_training.code_usage_decay = 0.99
+    # Re-seed codes whose running usage falls below threshold/K from encoder outputs.
+    c.tokenizer_training.dead_code_restart = False
+    # Usage threshold of a dead code, as a fraction of uniform usage 1/K.
+    c.tokenizer_training.dead_code_threshold = 0.03
+
+    # StyleGAN discriminator; field names are StyleGANDiscriminator's.
+    c.discriminator = ml_collections.ConfigDict()
+    # Channels of the from-RGB layer.
+    c.discriminator.filters = 64
+    # Width multiplier per down block (the last repeats down to 4x4).
+    c.discriminator.channel_multipliers = (1, 2, 4, 4, 4, 4)
+    # Binomial blur-pool filter used when downsampling.
+    c.discriminator.blur_kernel = (1, 3, 3, 1)
+    # Group size of the minibatch-stddev layer (0 disables it).
+    c.discriminator.mbstd_group_size = 4
 
     # Transformer (MVTM) training; the authors' configuration values.
     c.training = ml_collections.ConfigDict()
@@ -219,6 +254,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
         if training.batch_size < 1 or training.num_train_steps < 0:
             raise ValueError(f"{name}.batch_size and num_train_steps must be positive.")
+    if config.tokenizer_training.disc_steps < 1:
+        raise ValueError("tokenizer_training.disc_steps must be >= 1.")
+    if config.tokenizer_training.gan_loss not in ("non_saturating", "hinge"):
+        raise ValueError(
+            f"tokenizer_training.gan_loss={config.tokenizer_training.gan_loss!r}; use "
+            "'non_saturating' or 'hinge'."
+        )
     if config.training.grad_accum_steps < 1:
         raise ValueError("training.grad_accum_steps must be >= 1.")
     if config.training.batch_size % config.training.grad_accum_steps:

@@ -1,7 +1,11 @@
-"""VQGAN tokenizer training: reconstruction plus the quantizer's losses.
+"""VQGAN tokenizer training as the authors configured it (they released no training code).
 
-The adversarial and perceptual terms of the authors' configuration are added by the
-tokenizer-stage losses; this stage already trains a usable tokenizer on small data.
+Generator (encoder, quantizer, decoder) loss: L2 (or L1) reconstruction + quantizer losses
+(commitment, codebook, entropy) + perceptual loss (weight 0.1) + non-saturating GAN loss
+(weight 0.1, after a delayed start). A StyleGAN discriminator with blur-pool resampling is
+trained with its own Adam, an R1 penalty (cost 10) and optional LeCam regularisation. The
+generator's parameter EMA (0.999) is used for evaluation and export. Every term can be
+switched off by a zero weight; optional dead-code restarts re-seed unused codes.
 """
 
 import functools
@@ -15,90 +19,286 @@ import numpy as np
 import optax
 from etils import epath
 
-from maskgit_jax import config_lib, images_io, input_pipeline, optimizers, pretrained, train_loop
+from maskgit_jax import (
+    config_lib,
+    convert_perceptual,
+    images_io,
+    input_pipeline,
+    losses,
+    optimizers,
+    pretrained,
+    reconstruction_metrics,
+    train_loop,
+)
 from maskgit_jax.models import build_tokenizer
+from maskgit_jax.models.discriminator import StyleGANDiscriminator
+from maskgit_jax.models.perceptual import perceptual_loss, vgg16_features_fn
 
 
 @flax.struct.dataclass
 class TokenizerState:
-    """Step counter, generator parameters, optimizer state and the parameter EMA."""
+    """Generator and discriminator parameters with their optimizer states and statistics.
+
+    `disc_params`/`disc_opt_state` are empty dicts when the GAN loss is off; `lecam_ema`
+    holds the running means of real and fake logits; `code_usage` the running fraction of
+    assignments per code (for dead-code restarts and the usage metric).
+    """
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
+    disc_params: Any
+    disc_opt_state: Any
+    lecam_ema: jax.Array
+    code_usage: jax.Array
 
 
 def reconstruction_loss(recon: jax.Array, images: jax.Array, kind: str) -> jax.Array:
-    """Mean L2 (squared error) or L1 distance between reconstructions and inputs."""
+    """Mean L2 (squared error, the authors' choice) or L1 distance to the inputs."""
     if kind == "l2":
-        return jnp.mean((recon - images) ** 2)
+        return losses.l2_loss(recon, images)
     if kind == "l1":
-        return jnp.mean(jnp.abs(recon - images))
-    raise ValueError(f"reconstruction_loss={kind!r}; use 'l2' or 'l1'.")
+        return losses.l1_loss(recon, images)
+    raise ValueError(f"tokenizer_training.reconstruction_loss={kind!r}; use 'l2' or 'l1'.")
+
+
+def restart_dead_codes(
+    codebook: jax.Array, usage: jax.Array, latents: jax.Array, rng: jax.Array, threshold: float
+) -> tuple[jax.Array, jax.Array]:
+    """Re-seeds codes whose running usage is below `threshold` from random encoder outputs.
+
+    `latents` [N, D] are this batch's encoder outputs; restarted codes get the uniform usage
+    1/K so they are not restarted again at once.
+    """
+    dead = usage < threshold
+    picks = jax.random.randint(rng, (codebook.shape[0],), 0, latents.shape[0])
+    codebook = jnp.where(dead[:, None], latents[picks].astype(codebook.dtype), codebook)
+    usage = jnp.where(dead, 1.0 / codebook.shape[0], usage)
+    return codebook, usage
 
 
 class TokenizerTrainer:
-    """Builds the tokenizer stage's state, step and periodic actions from a config."""
+    """Builds the tokenizer stage's state, step and evaluation from a config."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.training = config.tokenizer_training
         self.model = build_tokenizer(config, dtype=jnp.dtype(self.training.compute_dtype))
         self.tx = optimizers.adamw_optimizer(self.training)
+        self.use_gan = self.training.gan_weight > 0
+        self.use_perceptual = self.training.perceptual_weight > 0
+        self.discriminator = StyleGANDiscriminator(
+            image_size=config.image_size,
+            **config.discriminator,
+            dtype=jnp.dtype(self.training.compute_dtype),
+        )
+        disc_training = self.training.copy_and_resolve_references()
+        disc_training.learning_rate = self.training.disc_learning_rate
+        disc_training.weight_decay = 0.0
+        self.disc_tx = optimizers.adamw_optimizer(disc_training)
+        self.perceptual_features = vgg16_features_fn()
 
     def init_state(self, rng: jax.Array) -> TokenizerState:
-        """Fresh generator parameters, optimizer state and EMA copy."""
+        """Fresh generator (and discriminator) parameters and optimizer states."""
+        gen_rng, disc_rng = jax.random.split(rng)
         images = jnp.zeros((1, self.config.image_size, self.config.image_size, 3))
-        params = self.model.init(rng, images, train=False)["params"]
-        ema = params if self.training.ema_decay else None
-        return TokenizerState(jnp.zeros((), jnp.int32), params, self.tx.init(params), ema)
+        params = self.model.init(gen_rng, images, train=False)["params"]
+        disc_params, disc_opt_state = {}, {}
+        if self.use_gan:
+            disc_params = self.discriminator.init(disc_rng, images)["params"]
+            disc_opt_state = self.disc_tx.init(disc_params)
+        codebook_size = self.config.tokenizer.codebook_size
+        return TokenizerState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=self.tx.init(params),
+            ema_params=params if self.training.ema_decay else None,
+            disc_params=disc_params,
+            disc_opt_state=disc_opt_state,
+            lecam_ema=jnp.zeros((2,), jnp.float32),
+            code_usage=jnp.full((codebook_size,), 1.0 / codebook_size, jnp.float32),
+        )
 
-    def train_step(self, state: TokenizerState, batch: dict[str, jax.Array], constants=None):
-        """One update of encoder, quantizer and decoder on the global batch."""
-        del constants
+    def _discriminate(self, disc_params, images):
+        return self.discriminator.apply({"params": disc_params}, images)
+
+    def _generator_loss(self, params, state, images, perceptual_params, gan_active):
+        recon, result = self.model.apply({"params": params}, images, train=True)
+        recon = recon.astype(jnp.float32)
+        rec = reconstruction_loss(recon, images, self.training.reconstruction_loss)
+        loss = self.training.reconstruction_weight * rec + result["quantizer_loss"]
+        terms = {"reconstruction_loss": rec}
+        if self.use_perceptual:
+            perceptual = perceptual_loss(
+                self.perceptual_features, perceptual_params, jnp.clip(recon, 0.0, 1.0), images
+            )
+            loss += self.training.perceptual_weight * perceptual
+            terms["perceptual_loss"] = perceptual
+        if self.use_gan:
+            fake_logits = self._discriminate(state.disc_params, recon)
+            adversarial = losses.generator_loss(fake_logits, self.training.gan_loss)
+            loss += gan_active * self.training.gan_weight * adversarial
+            terms["generator_adversarial_loss"] = adversarial
+        return loss, (recon, result, terms)
+
+    def _discriminator_update(self, state, images, fake):
+        def disc_loss(disc_params):
+            real_logits = self._discriminate(disc_params, images)
+            fake_logits = self._discriminate(disc_params, fake)
+            loss = losses.discriminator_loss(real_logits, fake_logits, self.training.gan_loss)
+            r1 = jnp.zeros(())
+            if self.training.r1_cost:
+                r1 = losses.r1_penalty(lambda x: self._discriminate(disc_params, x), images)
+                loss += self.training.r1_cost * r1
+            if self.training.lecam_weight:
+                loss += self.training.lecam_weight * losses.lecam_regularization(
+                    real_logits, fake_logits, state.lecam_ema[0], state.lecam_ema[1]
+                )
+            return loss, (real_logits, fake_logits, r1)
+
+        (loss, (real_logits, fake_logits, r1)), grads = jax.value_and_grad(disc_loss, has_aux=True)(
+            state.disc_params
+        )
+        updates, disc_opt_state = self.disc_tx.update(
+            grads, state.disc_opt_state, state.disc_params
+        )
+        disc_params = optax.apply_updates(state.disc_params, updates)
+        lecam_ema = jnp.stack(
+            losses.update_lecam_ema(
+                state.lecam_ema[0], state.lecam_ema[1], real_logits, fake_logits
+            )
+        )
+        metrics = {
+            "discriminator_loss": loss,
+            "r1_penalty": r1,
+            "real_logits": jnp.mean(real_logits),
+            "fake_logits": jnp.mean(fake_logits),
+        }
+        return disc_params, disc_opt_state, lecam_ema, metrics
+
+    def train_step(self, state: TokenizerState, batch: dict[str, jax.Array], perceptual_params):
+        """One generator update, then `disc_steps` discriminator updates once the GAN starts."""
         images = batch["image"]
-
-        def loss_fn(params):
-            recon, result = self.model.apply({"params": params}, images, train=True)
-            recon = recon.astype(jnp.float32)
-            rec = reconstruction_loss(recon, images, self.training.reconstruction_loss)
-            loss = self.training.reconstruction_weight * rec + result["quantizer_loss"]
-            return loss, (rec, result)
-
-        (loss, (rec, result)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
+        gan_active = (state.step >= self.training.gan_start_step).astype(jnp.float32)
+        grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
+        (loss, (recon, result, terms)), grads = grad_fn(
+            state.params, state, images, perceptual_params, gan_active
+        )
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+
+        counts = result["code_counts"]
+        decay = self.training.code_usage_decay
+        usage = decay * state.code_usage + (1 - decay) * counts / jnp.sum(counts)
+        if self.training.dead_code_restart:
+            latents = result["latents"].reshape(-1, result["latents"].shape[-1])
+            codebook, usage = restart_dead_codes(
+                params["quantizer"]["codebook"],
+                usage,
+                latents,
+                jax.random.fold_in(rng, 1),
+                self.training.dead_code_threshold / counts.shape[0],
+            )
+            params = {**params, "quantizer": {**params["quantizer"], "codebook": codebook}}
         ema = state.ema_params
         if ema is not None:
             ema = optimizers.update_ema(ema, params, self.training.ema_decay)
         metrics = {
             "loss": loss,
-            "reconstruction_loss": rec,
+            **terms,
             "commitment_loss": result["commitment_loss"],
             "codebook_loss": result["codebook_loss"],
             "entropy_loss": result["entropy_loss"],
-            "codebook_usage": result["codebook_usage"],
+            "batch_codebook_usage": result["codebook_usage"],
             "perplexity": result["perplexity"],
+            "codebook_usage": jnp.mean(usage > 0.01 / counts.shape[0]),
             "grad_norm": optax.global_norm(grads),
             "learning_rate": optimizers.learning_rate_schedule(self.training)(state.step),
         }
-        return TokenizerState(state.step + 1, params, opt_state, ema), metrics
+        state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            ema_params=ema,
+            code_usage=usage,
+        )
+        if self.use_gan:
+            fake = jax.lax.stop_gradient(recon)
+            disc_state = (state.disc_params, state.disc_opt_state, state.lecam_ema)
+            for _ in range(self.training.disc_steps):
+                disc_params, disc_opt_state, lecam_ema, disc_metrics = self._discriminator_update(
+                    state, images, fake
+                )
+                # Before the delayed start the discriminator keeps its initial state.
+                new = (disc_params, disc_opt_state, lecam_ema)
+                disc_state = jax.tree.map(
+                    lambda n, o: jnp.where(gan_active > 0, n, o), new, disc_state
+                )
+                state = state.replace(
+                    disc_params=disc_state[0], disc_opt_state=disc_state[1], lecam_ema=disc_state[2]
+                )
+            metrics.update(disc_metrics)
+        return state, metrics
 
     def eval_params(self, state: TokenizerState) -> Any:
-        """The parameters used for evaluation and export: the EMA where enabled."""
+        """The generator parameters for evaluation and export: the EMA where enabled."""
         return state.ema_params if state.ema_params is not None else state.params
 
     @functools.partial(jax.jit, static_argnums=(0,))
     def reconstruct(self, params, images):
-        """Encode-quantize-decode with the given parameters, clipped to [0, 1]."""
-        recon, _ = self.model.apply({"params": params}, images, train=False)
-        return jnp.clip(recon, 0.0, 1.0)
+        """Encode-quantize-decode with `params`: images clipped to [0, 1] and token ids."""
+        recon, result = self.model.apply({"params": params}, images, train=False)
+        return jnp.clip(recon, 0.0, 1.0), result["encoding_indices"]
+
+
+def evaluate_reconstruction(
+    trainer: TokenizerTrainer, params: Any, eval_batches, max_batches: int
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """PSNR, SSIM and codebook usage over held-out batches; returns also the first batch pair."""
+    psnrs, ssims, ids, first = [], [], [], None
+    for index, batch in enumerate(eval_batches):
+        if max_batches and index >= max_batches:
+            break
+        keep = np.asarray(batch["mask"]) if "mask" in batch else slice(None)
+        images = np.asarray(batch["image"])[keep]
+        if not len(images):
+            continue
+        recon, codes = jax.device_get(trainer.reconstruct(params, images))
+        psnrs.append(reconstruction_metrics.psnr(recon, images, reduce=False))
+        ssims.append(reconstruction_metrics.ssim(recon, images, reduce=False))
+        ids.append(np.asarray(codes).reshape(-1))
+        first = first if first is not None else (images, recon)
+    usage, perplexity = reconstruction_metrics.codebook_usage(
+        np.concatenate(ids), trainer.config.tokenizer.codebook_size
+    )
+    metrics = {
+        "eval_psnr": float(np.mean(np.minimum(np.concatenate(psnrs), 100.0))),
+        "eval_ssim": float(np.mean(np.concatenate(ssims))),
+        "eval_codebook_usage": usage,
+        "eval_perplexity": perplexity,
+    }
+    return metrics, first[0], first[1]
+
+
+def _load_perceptual(config: ml_collections.ConfigDict) -> Any:
+    training = config.tokenizer_training
+    if not training.perceptual_weight:
+        return None
+    if not training.perceptual_checkpoint:
+        raise ValueError(
+            "tokenizer_training.perceptual_weight > 0 needs tokenizer_training."
+            "perceptual_checkpoint (a VGG16 converted by `python -m maskgit_jax."
+            "convert_perceptual`), or set tokenizer_training.perceptual_weight=0."
+        )
+    return jax.device_get(convert_perceptual.load_perceptual_params(training.perceptual_checkpoint))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TokenizerState:
     """Trains the tokenizer in `workdir` (resuming) and exports it to workdir/pretrained."""
     config_lib.validate(config)
+    perceptual_params = _load_perceptual(config)
     trainer = TokenizerTrainer(config)
     workdir = epath.Path(workdir)
     _, eval_ds, _ = input_pipeline.create_datasets(
@@ -111,13 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
     def on_eval(state, step, writer):
         if eval_ds is None:
             return
-        batch = next(iter(eval_ds))
-        images = batch["image"][: config.logging.samples_per_class * 4]
-        recon = np.asarray(trainer.reconstruct(jax.device_get(trainer.eval_params(state)), images))
-        mse = float(np.mean((recon - images) ** 2))
-        psnr = float(10 * np.log10(1.0 / max(mse, 1e-10)))
-        writer.write_scalars(step, {"eval_psnr": psnr, "eval_mse": mse})
-        grid = images_io.make_grid(np.concatenate([images, recon]), rows=2)
+        params = jax.device_get(trainer.eval_params(state))
+        metrics, images, recon = evaluate_reconstruction(
+            trainer, params, eval_ds, config.logging.eval_batches
+        )
+        writer.write_scalars(step, metrics)
+        count = min(len(images), 8)
+        grid = images_io.make_grid(np.concatenate([images[:count], recon[:count]]), rows=2)
         writer.write_images(step, {"reconstructions": grid[None]})
         if jax.process_index() == 0:
             images_io.write_png(grid, workdir / "samples" / f"reconstructions_{step:08d}.png")
@@ -135,6 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
         training=config.tokenizer_training,
         init_state=trainer.init_state,
         train_step=trainer.train_step,
+        constants=perceptual_params,
         on_eval=on_eval,
         export=export,
     )

@@ -165,6 +165,7 @@ class VectorQuantizer(nn.Module):
             counts = jnp.zeros((self.codebook_size,), jnp.float32).at[ids].add(1.0)
             usage = counts / flat.shape[0]
             result.update(
+                latents=latents32,
                 commitment_loss=self.commitment_cost * commitment,
                 codebook_loss=codebook,
                 entropy_loss=self.entropy_loss_ratio * entropy,
