@@ -159,7 +159,7 @@ def _prepare_tfds(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder
     builder = _builder(name, config.data_dir)
     if builder.is_prepared():
         return builder
-    if name == "digits":
+    if name.split("/")[0] in ("digits", "photos"):
         builder.download_and_prepare()  # Reads scikit-learn's bundled copy; no network.
     elif name == "imagenet2012":
         data_dir = config.data_dir or _default_data_dir()
