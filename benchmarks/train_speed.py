@@ -1,0 +1,163 @@
+"""Steps/s and model-FLOPs utilisation (MFU) of the transformer train step, imagenet256 model.
+
+The real step (`TransformerTrainer.train_step`, jitted by `train_loop.jit_train_step` with
+the state donated) on one device, pre-tokenized batches {"tokens", "label"} so only the
+transformer is timed. Training FLOPs = 3 x forward matmul FLOPs (codebook logits only, as the
+step computes them). MFU is against this machine's dense-matmul peak of the same compute
+dtype, measured in the same run (`flops.measure_matmul_peak`; bf16 operands with fp32
+accumulation, as the model's matmuls). Target on CPU: >= 40%.
+
+`--breakdown` also times the forward alone (with and without dropout) and forward+backward,
+which shows where a step's time goes beyond its matmuls.
+
+  PYTHONPATH=. python benchmarks/train_speed.py [--batch 8] [--steps 3] [--breakdown]
+"""
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maskgit_jax import config_lib, flops, sharding, train_loop, train_transformer
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best wall time of `fn()` (blocked) over `repeats` calls, after one warm-up call."""
+    jax.block_until_ready(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _config(batch: int, dtype: str):
+    config = config_lib.base_config()
+    config.training.batch_size = batch
+    config.training.compute_dtype = dtype
+    config.mesh.shape = (1, 1, 1)
+    return config
+
+
+def _batch(config, batch: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    side = config_lib.tokens_per_side(config)
+    tokens = rng.integers(0, config.tokenizer.codebook_size, (batch, side, side))
+    labels = rng.integers(0, config.num_classes, (batch,))
+    return {"tokens": tokens.astype(np.int16), "label": labels.astype(np.int32)}
+
+
+def time_train_step(batch: int, dtype: str, steps: int) -> float:
+    """Seconds per step of the real donated train step (best of `steps`)."""
+    config = _config(batch, dtype)
+    trainer = train_transformer.TransformerTrainer(config, None)
+    stage = train_loop.Stage(
+        name="transformer",
+        training=config.training,
+        init_state=trainer.init_state,
+        train_step=trainer.train_step,
+    )
+    mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
+    setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
+    state = train_loop.init_state(setup, stage, seed=0)
+    step_fn = train_loop.jit_train_step(setup, stage)
+    data = {k: jnp.asarray(v) for k, v in _batch(config, batch).items()}
+    holder = {"state": state}
+
+    def one_step():
+        with setup.activate():
+            holder["state"], metrics = step_fn(holder["state"], data, None)
+        return metrics["loss"]
+
+    return _best_time(one_step, steps)
+
+
+def time_parts(batch: int, dtype: str, repeats: int) -> dict[str, float]:
+    """Seconds of forward (no dropout / dropout) and forward+backward of the step's loss."""
+    config = _config(batch, dtype)
+    trainer = train_transformer.TransformerTrainer(config, None)
+    params = sharding.strip_boxes(jax.jit(trainer.init_state)(jax.random.PRNGKey(0)).params)
+    data = _batch(config, batch)
+    tokens = jnp.asarray(data["tokens"].reshape(batch, -1))
+    ids, mask = trainer._inputs(jax.random.PRNGKey(1), tokens, jnp.asarray(data["label"]))
+    codebook = config.tokenizer.codebook_size
+    rngs = {"dropout": jax.random.PRNGKey(2)}
+
+    def forward(p, deterministic):
+        return trainer.model.apply(
+            {"params": p}, ids, deterministic=deterministic, num_logits=codebook, rngs=rngs
+        )
+
+    def loss(p):
+        logits = forward(p, False)[:, 1:]
+        total, _, count = train_transformer.masked_token_loss(
+            logits, tokens, mask, config.training.label_smoothing
+        )
+        return total / count
+
+    forward_eval = jax.jit(lambda p: forward(p, True))
+    forward_train = jax.jit(lambda p: forward(p, False))
+    grad = jax.jit(jax.value_and_grad(loss))
+    return {
+        "forward (no dropout)": _best_time(lambda: forward_eval(params), repeats),
+        "forward (dropout)": _best_time(lambda: forward_train(params), repeats),
+        "forward+backward": _best_time(lambda: grad(params), repeats),
+    }
+
+
+def main() -> None:
+    """Measures the peaks, times the step per dtype and prints the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="examples per step (1 device)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (best is kept)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--breakdown", action="store_true", help="also time fwd / fwd+bwd")
+    args = parser.parse_args()
+
+    config = _config(args.batch, "float32")
+    forward = flops.transformer_forward_flops(
+        config, args.batch, num_logits=config.tokenizer.codebook_size
+    )
+    train_flops = 3 * forward
+    print(f"devices: {jax.devices()[:1]}; load average {os.getloadavg()}")
+    print(
+        f"imagenet256 transformer, batch {args.batch} x {config_lib.sequence_length(config)} "
+        f"tokens: forward {forward / 1e9:.1f} GFLOP, train step {train_flops / 1e9:.1f} GFLOP"
+    )
+    peaks = {name: flops.measure_matmul_peak(jnp.dtype(name)) for name in args.dtypes}
+    rows = []
+    for name in args.dtypes:
+        seconds = time_train_step(args.batch, name, args.steps)
+        parts = time_parts(args.batch, name, args.steps) if args.breakdown else {}
+        rows.append((name, seconds, parts))
+
+    header = f"{'dtype':9s} {'s/step':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'peak':>8s} {'MFU':>6s}"
+    print(header)
+    print("-" * len(header))
+    for name, seconds, _ in rows:
+        achieved = train_flops / seconds
+        print(
+            f"{name:9s} {seconds:8.3f} {1 / seconds:8.3f} {achieved / 1e9:8.1f} "
+            f"{peaks[name] / 1e9:8.1f} {100 * achieved / peaks[name]:5.1f}%"
+        )
+    print("(peak: 2048^2 matmul of that dtype, fp32 accumulation; target MFU >= 40%)")
+    if args.breakdown:
+        for name, seconds, parts in rows:
+            print(f"\n{name} breakdown (model FLOPs rate against the {name} peak):")
+            for part, part_seconds in [*parts.items(), ("full step", seconds)]:
+                part_flops = forward if part.startswith("forward (") else train_flops
+                rate = part_flops / part_seconds
+                print(
+                    f"  {part:22s} {part_seconds:7.3f} s  {rate / 1e9:7.1f} GFLOP/s  "
+                    f"{100 * rate / peaks[name]:5.1f}%"
+                )
+    print(f"load average at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
