@@ -133,7 +133,10 @@ def main() -> None:
     rows = []
     for name in args.dtypes:
         seconds = time_train_step(args.batch, name, args.steps)
+        print(f"{name}: {seconds:.3f} s/step (load average {os.getloadavg()})", flush=True)
         parts = time_parts(args.batch, name, args.steps) if args.breakdown else {}
+        for part, part_seconds in parts.items():
+            print(f"{name}: {part} {part_seconds:.3f} s", flush=True)
         rows.append((name, seconds, parts))
 
     header = f"{'dtype':9s} {'s/step':>8s} {'steps/s':>8s} {'GFLOP/s':>8s} {'peak':>8s} {'MFU':>6s}"
