@@ -217,7 +217,8 @@ def run(
                     logging.warning(
                         "%s: preempted at step %d; saving and exiting.", stage.name, step
                     )
-                    checked_save(force=True)
+                    if manager.latest_step() != step:  # Not already saved just above.
+                        checked_save(force=True)
                     break
                 if stage.on_eval and _due(step, log_config.eval_every_steps):
                     stage.on_eval(state, step, writer)
