@@ -174,11 +174,21 @@ def fsdp_sharding(abstract_tree: Any, mesh: Mesh, axis: str = "fsdp", min_size: 
 
 
 def _logical_sharding(box: nn.Partitioned, mesh: Mesh, rules: LogicalRules) -> NamedSharding:
-    """Maps the logical names of one `nn.LogicallyPartitioned` box to a NamedSharding."""
+    """Maps the logical names of one `nn.LogicallyPartitioned` box to a NamedSharding.
+
+    A dimension that its mesh axes do not divide evenly (the vocabulary, codebook + classes +
+    1, is odd) is replicated instead of failing at initialisation.
+    """
     spec = box.get_partition_spec()
     if isinstance(box, nn.LogicallyPartitioned):
         spec = nn.logical_to_mesh_axes(tuple(spec), rules)
-    return NamedSharding(mesh, spec)
+    shape = np.shape(box.value)
+    divisible = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        ways = int(np.prod([mesh.shape[name] for name in names])) if names else 1
+        divisible.append(axes if size % ways == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*divisible))
 
 
 def logical_to_mesh_sharding(abstract_tree: Any, mesh: Mesh, rules: LogicalRules) -> Any:

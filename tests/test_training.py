@@ -228,12 +228,6 @@ def test_same_losses_on_one_and_eight_devices(run_a, one_device_losses):
     assert embedding.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="library bug: the default rule ('vocab', 'tensor') splits the vocabulary "
-    "(codebook + classes + 1, odd: 43 here, 2025 for ImageNet) over tensor > 1",
-)
 def test_default_rules_shard_an_odd_vocabulary_on_a_tensor_mesh(data_dir):
     config = tiny_config(data_dir, **{"mesh.shape": (1, 1, 8)})
     config.mesh.logical_axis_rules = sharding.default_mesh_config().logical_axis_rules
@@ -242,7 +236,12 @@ def test_default_rules_shard_an_odd_vocabulary_on_a_tensor_mesh(data_dir):
     stage = train_loop.Stage("transformer", config.training, trainer.init_state, None)
     setup = train_loop.create_sharded_setup(config, stage)
     state = train_loop.init_state(setup, stage, 0)
-    assert np.isfinite(np.asarray(state.params["Embed_0"]["word_embeddings"]["embedding"])).all()
+    table = state.params["Embed_0"]["word_embeddings"]["embedding"]
+    assert np.isfinite(np.asarray(table)).all()
+    # The odd vocabulary dimension is replicated; the even MLP dimension is split 8 ways.
+    assert table.sharding.spec[0] is None
+    mlp = state.params["TransformerLayer_0"]["Mlp_0"]["intermediate_output"]["kernel"]
+    assert mlp.sharding.spec[1] == "tensor"
 
 
 # ---------------------------------------------------------------------------------------------
