@@ -214,7 +214,7 @@ class TokenizerTrainer:
             "batch_codebook_usage": result["codebook_usage"],
             "perplexity": result["perplexity"],
             "codebook_usage": jnp.mean(usage > 0.01 / counts.shape[0]),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": optimizers.learning_rate_schedule(self.training)(state.step),
         }
         state = state.replace(

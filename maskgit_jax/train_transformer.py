@@ -166,7 +166,7 @@ class TransformerTrainer:
         metrics = {
             "loss": loss_sum / count,
             "masked_accuracy": correct / count,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": optimizers.learning_rate_schedule(self.training)(state.step),
             "masked_fraction": count / mask.size,
         }
