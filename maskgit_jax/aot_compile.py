@@ -36,7 +36,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -264,30 +263,6 @@ def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: boo
     raise ValueError(f"--stage={stage!r}; use one of {STAGES}.")
 
 
-def sharded_setup(
-    config: ml_collections.ConfigDict, stage: train_loop.Stage, mesh: jax.sharding.Mesh
-) -> train_loop.ShardedSetup:
-    """`train_loop.create_sharded_setup` for a mesh of devices this process cannot run on.
-
-    Same derivation (logical rules, FSDP fallback, constants' shardings), but the init key is
-    made before the mesh is set: eager ops under `jax.set_mesh` of a TPU topology description
-    fail ("'Executable' object has no attribute 'local_devices'"), so the loop's own function
-    only works on real devices. The tests check both agree on CPU meshes.
-    """
-    sharding.check_batch_divisible(stage.training.batch_size, mesh)
-    rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
-    key = jax.random.PRNGKey(0)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(stage.init_state, key)
-        shardings = sharding.strip_boxes(sharding.state_shardings(boxed, mesh, rules))
-        constants_shardings = None
-        if stage.constants is not None:
-            constants_shardings = sharding.state_shardings(stage.constants, mesh, rules)
-    return train_loop.ShardedSetup(
-        mesh, rules, sharding.strip_boxes(boxed), shardings, constants_shardings
-    )
-
-
 def _validate(config: ml_collections.ConfigDict) -> None:
     """config_lib.validate, minus the need for a real tokenizer checkpoint or data."""
     checked = config.copy_and_resolve_references()
@@ -308,7 +283,7 @@ def compile_train_step(
     devices = topology_devices(topology)
     mesh = sharding.create_mesh(config.mesh, devices=devices)
     built, model_flops = build_stage(config, stage, pretokenized)
-    setup = sharded_setup(config, built, mesh)
+    setup = train_loop.create_sharded_setup(config, built, mesh=mesh)
     step_fn = train_loop.jit_train_step(setup, built)
     global_batch = built.training.batch_size
     state = sharding.with_shardings(setup.abstract_state, setup.state_shardings)

@@ -92,8 +92,11 @@ def create_sharded_setup(
     mesh = mesh or sharding.create_mesh(config.mesh)
     sharding.check_batch_divisible(stage.training.batch_size, mesh)
     rules = tuple(tuple(rule) for rule in config.mesh.logical_axis_rules)
+    # The key is made before the mesh is set: eager ops under a mesh of devices this process
+    # cannot run on (an ahead-of-time TPU topology) fail.
+    key = jax.random.PRNGKey(0)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        boxed = jax.eval_shape(stage.init_state, jax.random.PRNGKey(0))
+        boxed = jax.eval_shape(stage.init_state, key)
         shardings = sharding.strip_boxes(sharding.state_shardings(boxed, mesh, rules))
         constants_shardings = None
         if stage.constants is not None:

@@ -3,11 +3,10 @@
 import importlib.util
 import types
 
-import jax
 import ml_collections
 import pytest
 
-from maskgit_jax import aot_compile, config_lib, train_loop
+from maskgit_jax import aot_compile, config_lib
 
 
 def tiny_config(mesh_shape=(2, 4, 1)) -> ml_collections.ConfigDict:
@@ -82,17 +81,6 @@ def test_tiny_budget_does_not_fit(monkeypatch, capsys):
     assert "does not fit: needs" in error and "GiB per chip" in error
     assert "the budget is 0.0001 GiB (--hbm_gib)" in error
     assert "--config.training.remat=True" in error
-
-
-def test_setup_matches_train_loop():
-    config = tiny_config()
-    stage, _ = aot_compile.build_stage(config, "transformer", pretokenized=False)
-    mesh = aot_compile.sharding.create_mesh(config.mesh, devices=jax.devices()[:8])
-    ours = aot_compile.sharded_setup(config, stage, mesh)
-    loop = train_loop.create_sharded_setup(config, stage, mesh=mesh)
-    assert ours.state_shardings == loop.state_shardings
-    assert ours.constants_shardings == loop.constants_shardings
-    assert jax.tree.structure(ours.abstract_state) == jax.tree.structure(loop.abstract_state)
 
 
 def test_bad_topologies():
