@@ -4,8 +4,8 @@ Sources: any prepared TFDS dataset (imagenet2012 is prepared from its manual tar
 bundled scikit-learn `digits` builder, and an image folder `root/<split>/<class>/*.png|jpg`.
 
 Train order is a pure function of (seed, process, epoch): each epoch randomly merges 16
-contiguous slices of the process's shard and shuffles the merge with a buffer, both seeded
-from (seed, process_index, epoch); crops and flips use stateless randomness keyed by
+contiguous slices of the process's shard and permutes blocks of `shuffle_buffer` examples,
+both seeded from (seed, process_index, epoch); crops and flips use stateless randomness keyed by
 (seed, process_index, epoch, position). Resuming at step k therefore only recomputes the
 epoch and skips the undecoded records before the offset, and yields exactly the batches a
 run that never stopped would have seen.
@@ -70,7 +70,7 @@ def default_dataset_config() -> ml_collections.ConfigDict:
     c.train_split = "train"
     # Split to evaluate on; None = the first of validation, test, val that exists.
     c.eval_split = None
-    # Shuffle buffer in (undecoded) examples per process (of the global stream if global_order).
+    # Examples (undecoded) per randomly permuted block, per process (global if global_order).
     c.shuffle_buffer = 10_000
     # Train crops a random square of side min(h, w) (False: the center square).
     c.random_crop = True
@@ -336,6 +336,25 @@ def _keep_rows(
     return ds.enumerate().filter(keep).map(lambda _, x: x)
 
 
+def _block_shuffle(ds: tf.data.Dataset, block: int, key: tf.Tensor) -> tf.data.Dataset:
+    """Permutes each run of `block` examples by stateless random keys derived from `key`.
+
+    Unlike `Dataset.shuffle` with a tensor seed, this does not depend on TF's global seed
+    (which `tf.random.set_seed` or `keras.utils.set_random_seed` anywhere in the process
+    would otherwise make fail at graph construction).
+    """
+
+    def permute(index, examples):
+        count = tf.shape(tf.nest.flatten(examples)[0])[0]
+        scores = tf.random.stateless_uniform(
+            [count], tf.random.experimental.stateless_fold_in(key, index)
+        )
+        order = tf.argsort(scores)
+        return tf.nest.map_structure(lambda t: tf.gather(t, order), examples)
+
+    return ds.batch(max(1, block)).enumerate().map(permute).unbatch()
+
+
 def _train_dataset(
     source: _Source,
     config: ml_collections.ConfigDict,
@@ -386,12 +405,7 @@ def _train_dataset(
             )
         )
         merged = tf.data.Dataset.choose_from_datasets(slices, choices, stop_on_empty_dataset=False)
-        shuffle_seed = tf.random.stateless_uniform(
-            [], shuffle_key, minval=None, maxval=None, dtype=tf.int64
-        )
-        ds = merged.shuffle(
-            config.shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False
-        )
+        ds = _block_shuffle(merged, config.shuffle_buffer, shuffle_key)
         # Position within the epoch keys the augmentation, so it survives a restart.
         ds = ds.enumerate().map(lambda i, ex: (aug_key, i, ex))
         return ds.skip(tf.where(e == start_epoch, tf.constant(offset, tf.int64), 0))

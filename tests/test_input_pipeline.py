@@ -136,6 +136,18 @@ def test_order_depends_only_on_seed():
     assert first[:60] != first[60:]  # Each epoch is shuffled anew.
 
 
+def test_order_ignores_a_global_tf_seed():
+    # Another library setting TF's global seed (keras.utils.set_random_seed does) must neither
+    # break the pipeline nor change its order.
+    expected = _labels(_fake_stream(60, seed=1), 90)
+    tf.random.set_seed(1234)
+    try:
+        assert _labels(_fake_stream(60, seed=1), 90) == expected
+    finally:
+        tf.random.set_seed(None)
+    assert sorted(expected[:60]) == list(range(60))  # An epoch is a permutation.
+
+
 @pytest.mark.parametrize("start_step", [7, 95])
 def test_restart_matches_continuation_fake(start_step):
     full = _labels(_fake_stream(40, seed=5), start_step + 10)
