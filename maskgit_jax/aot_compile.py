@@ -252,12 +252,16 @@ def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: boo
     if stage == "tokenizer":
         from maskgit_jax import train_tokenizer
 
+        from maskgit_jax.models.perceptual import abstract_vgg16_params
+
         trainer = train_tokenizer.TokenizerTrainer(config)
         built = train_loop.Stage(
             name="tokenizer",
             training=config.tokenizer_training,
             init_state=trainer.init_state,
             train_step=trainer.train_step,
+            # The frozen VGG16 of the perceptual loss, as shapes (its weights do not matter).
+            constants=abstract_vgg16_params() if trainer.use_perceptual else None,
         )
         return built, None
     raise ValueError(f"--stage={stage!r}; use one of {STAGES}.")
