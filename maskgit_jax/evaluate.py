@@ -31,36 +31,43 @@ from ml_collections import config_flags
 from maskgit_jax import pretrained, sampling
 from maskgit_jax.evaluation import inception, metrics, rejection
 
-_MODE = flags.DEFINE_enum("mode", "sample", ["sample", "reference"], "What to compute.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretrained directory (sample mode).")
-_INCEPTION = flags.DEFINE_string(
-    "inception", None, "classify_image_graph_def.pb or inception-2015-12-05.tgz."
-)
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference statistics .npz (sample mode).")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50000, "Images to sample.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch and process.")
-_ACCEPTANCE_RATE = flags.DEFINE_float(
-    "acceptance_rate", 1.0, "Fraction of candidates kept per class by rejection sampling."
-)
-_LABEL_MAP = flags.DEFINE_string(
-    "inception_label_map",
-    None,
-    "imagenet_2012_challenge_label_map_proto.pbtxt from the same .tgz: maps ImageNet class "
-    "ids to the Inception graph's logit columns (needed for --acceptance_rate < 1).",
-)
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_SPLITS = flags.DEFINE_integer("is_splits", 10, "Inception Score splits.")
-_K = flags.DEFINE_integer("pr_k", 3, "Nearest neighbours of precision/recall manifolds.")
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Dataset config (reference mode).")
-_OUTPUT = flags.DEFINE_string(
-    "output",
-    None,
-    "Reference mode: .npz to write. Sample mode: optional .npz of the samples' "
-    "statistics and features.",
-)
-_KEEP_FEATURES = flags.DEFINE_bool(
-    "keep_features", False, "Also store the raw features (for precision/recall)."
-)
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """Defines the command's flags, only when run as a program.
+
+    Importing this module beside another command (`maskgit_jax.sample` has --mode too)
+    then cannot clash in absl's global flag registry.
+    """
+    flags.DEFINE_enum("mode", "sample", ["sample", "reference"], "What to compute.")
+    flags.DEFINE_string("checkpoint", None, "Pretrained directory (sample mode).")
+    flags.DEFINE_string(
+        "inception", None, "classify_image_graph_def.pb or inception-2015-12-05.tgz."
+    )
+    flags.DEFINE_string("reference", None, "Reference statistics .npz (sample mode).")
+    flags.DEFINE_integer("num_samples", 50000, "Images to sample.")
+    flags.DEFINE_integer("batch_size", 64, "Images per batch and process.")
+    flags.DEFINE_float(
+        "acceptance_rate", 1.0, "Fraction of candidates kept per class by rejection sampling."
+    )
+    flags.DEFINE_string(
+        "inception_label_map",
+        None,
+        "imagenet_2012_challenge_label_map_proto.pbtxt from the same .tgz: maps ImageNet class "
+        "ids to the Inception graph's logit columns (needed for --acceptance_rate < 1).",
+    )
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_integer("is_splits", 10, "Inception Score splits.")
+    flags.DEFINE_integer("pr_k", 3, "Nearest neighbours of precision/recall manifolds.")
+    config_flags.DEFINE_config_file("config", None, "Dataset config (reference mode).")
+    flags.DEFINE_string(
+        "output",
+        None,
+        "Reference mode: .npz to write. Sample mode: optional .npz of the samples' "
+        "statistics and features.",
+    )
+    flags.DEFINE_bool("keep_features", False, "Also store the raw features (for precision/recall).")
 
 
 def local_mesh() -> Mesh:
@@ -152,38 +159,38 @@ def report(
 
 def evaluate_samples() -> dict[str, float]:
     """Sample mode: samples, Inception outputs, metrics."""
-    for name, flag in (("checkpoint", _CHECKPOINT), ("reference", _REFERENCE)):
-        if not flag.value:
+    for name, value in (("checkpoint", FLAGS.checkpoint), ("reference", FLAGS.reference)):
+        if not value:
             raise app.UsageError(f"--{name} is required in sample mode.")
-    reference = metrics.load_statistics(_REFERENCE.value)
+    reference = metrics.load_statistics(FLAGS.reference)
     class_index = None
-    if _ACCEPTANCE_RATE.value < 1.0:
-        if not _LABEL_MAP.value:
+    if FLAGS.acceptance_rate < 1.0:
+        if not FLAGS.inception_label_map:
             raise app.UsageError(
                 "--acceptance_rate < 1 ranks samples by the Inception network's class "
                 "probability and needs --inception_label_map (see evaluation/rejection.py)."
             )
-        class_index = rejection.inception_class_index(_LABEL_MAP.value)
+        class_index = rejection.inception_class_index(FLAGS.inception_label_map)
     mesh = local_mesh()
-    if _BATCH_SIZE.value % mesh.size:
+    if FLAGS.batch_size % mesh.size:
         raise app.UsageError(f"--batch_size must be a multiple of the {mesh.size} local devices.")
-    model = pretrained.load_pretrained(_CHECKPOINT.value)
-    inception_fn = inception.make_apply_fn(inception.load_inception_params(_INCEPTION.value), mesh)
-    labels = process_labels(_NUM_SAMPLES.value, model.config.num_classes)
-    rng = jax.random.fold_in(jax.random.PRNGKey(_SEED.value), jax.process_index())
+    model = pretrained.load_pretrained(FLAGS.checkpoint)
+    inception_fn = inception.make_apply_fn(inception.load_inception_params(FLAGS.inception), mesh)
+    labels = process_labels(FLAGS.num_samples, model.config.num_classes)
+    rng = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), jax.process_index())
     outputs = sample_outputs(
         ShardedSampler(model, mesh),
         inception_fn,
         labels,
         rng,
-        batch_size=_BATCH_SIZE.value,
-        acceptance_rate=_ACCEPTANCE_RATE.value,
+        batch_size=FLAGS.batch_size,
+        acceptance_rate=FLAGS.acceptance_rate,
         class_index=class_index,
     )
     outputs = {key: _gather(value) for key, value in outputs.items()}
-    if _OUTPUT.value and jax.process_index() == 0:
-        metrics.save_statistics(_OUTPUT.value, outputs["pool_3"], keep_features=True)
-    return report(outputs, reference, splits=_SPLITS.value, k=_K.value)
+    if FLAGS.output and jax.process_index() == 0:
+        metrics.save_statistics(FLAGS.output, outputs["pool_3"], keep_features=True)
+    return report(outputs, reference, splits=FLAGS.is_splits, k=FLAGS.pr_k)
 
 
 def reference_features(config: Any, inception_fn: Any, batch_size: int) -> np.ndarray:
@@ -207,23 +214,23 @@ def reference_features(config: Any, inception_fn: Any, batch_size: int) -> np.nd
 
 def write_reference() -> dict[str, Any]:
     """Reference mode: features of a dataset's eval split -> statistics file."""
-    if _CONFIG.value is None or not _OUTPUT.value:
+    if FLAGS.config is None or not FLAGS.output:
         raise app.UsageError("--config and --output are required in reference mode.")
     inception_fn = inception.make_apply_fn(
-        inception.load_inception_params(_INCEPTION.value), local_mesh()
+        inception.load_inception_params(FLAGS.inception), local_mesh()
     )
-    features = _gather(reference_features(_CONFIG.value, inception_fn, _BATCH_SIZE.value))
+    features = _gather(reference_features(FLAGS.config, inception_fn, FLAGS.batch_size))
     if jax.process_index() == 0:
-        metrics.save_statistics(_OUTPUT.value, features, keep_features=_KEEP_FEATURES.value)
-    return {"num_examples": len(features), "output": _OUTPUT.value}
+        metrics.save_statistics(FLAGS.output, features, keep_features=FLAGS.keep_features)
+    return {"num_examples": len(features), "output": FLAGS.output}
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not _INCEPTION.value:
+    if not FLAGS.inception:
         raise app.UsageError("--inception is required (" + inception.DOWNLOAD_HELP + ")")
-    result = evaluate_samples() if _MODE.value == "sample" else write_reference()
+    result = evaluate_samples() if FLAGS.mode == "sample" else write_reference()
     if jax.process_index() == 0:
         for key, value in result.items():
             logging.info("%s: %s", key, value)
@@ -231,4 +238,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
