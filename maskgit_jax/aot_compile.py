@@ -251,7 +251,6 @@ def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: boo
         return built, 3 * forward
     if stage == "tokenizer":
         from maskgit_jax import train_tokenizer
-
         from maskgit_jax.models.perceptual import abstract_vgg16_params
 
         trainer = train_tokenizer.TokenizerTrainer(config)

@@ -109,9 +109,7 @@ def test_install_dry_run_local_repo():
 
 
 def test_install_dry_run_git_repo():
-    result = _tpu_pod(
-        "install", REPO="https://github.com/example/maskgit_jax.git", REPO_REF="main"
-    )
+    result = _tpu_pod("install", REPO="https://github.com/example/maskgit_jax.git", REPO_REF="main")
     assert result.returncode == 0, result.stderr
     (line,) = _gcloud_lines(result.stdout)
     assert "--worker=all" in line
@@ -155,8 +153,6 @@ def test_missing_tpu_name_refused():
     result = _tpu_pod("create", TPU_NAME="")
     assert result.returncode != 0
     assert "TPU_NAME is not set" in result.stderr
-
-
 
 
 def test_slurm_forwards_sigterm_and_requeues(tmp_path):
@@ -232,9 +228,7 @@ def test_slurm_header():
     assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in text
     # SLURM stops reading #SBATCH lines at the first command.
     first_command = next(
-        i
-        for i, line in enumerate(text.splitlines())
-        if line.strip() and not line.startswith("#")
+        i for i, line in enumerate(text.splitlines()) if line.strip() and not line.startswith("#")
     )
     last_directive = max(
         i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH")
