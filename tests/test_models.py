@@ -174,3 +174,31 @@ def test_bf16_compute_keeps_fp32_params_and_close_logits():
     np.testing.assert_allclose(np.asarray(bf16), np.asarray(fp32), atol=0.1)
     agreement = np.mean(np.argmax(bf16, -1) == np.argmax(fp32, -1))
     assert agreement > 0.9
+
+
+@pytest.mark.parametrize("heads_per_block", [1, 2])
+def test_attention_in_head_blocks_is_the_same_function(heads_per_block):
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 21)
+    variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
+    whole = _tiny_transformer().apply(variables, ids)
+    blocked_model = _tiny_transformer().clone(attention_heads_per_block=heads_per_block)
+    blocked = blocked_model.apply(variables, ids)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    dropped = blocked_model.apply(
+        variables, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(2)}
+    )
+    assert np.abs(np.asarray(dropped - blocked)).max() > 1e-4
+
+
+def test_attention_blocks_must_divide_the_heads():
+    ids = jnp.zeros((1, 17), jnp.int32)
+    with pytest.raises(ValueError, match="heads_per_block=3 does not divide num_heads=4"):
+        _tiny_transformer().clone(attention_heads_per_block=3).init(jax.random.PRNGKey(0), ids)
+
+
+def test_build_transformer_blocks_heads_only_where_it_pays():
+    config = config_lib.base_config()
+    expected = 2 if jax.default_backend() == "cpu" else None
+    assert build_transformer(config).attention_heads_per_block == expected
+    whole = build_transformer(config, attention_heads_per_block=None)
+    assert whole.attention_heads_per_block is None

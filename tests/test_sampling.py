@@ -167,3 +167,17 @@ def test_class_label_conditions_only_its_own_row(setup):
         np.testing.assert_array_equal(other[1:], base[1:])
         changed_rows += int(np.any(other[0] != base[0]))
     assert changed_rows >= 1
+
+
+def test_bf16_decoding_casts_only_matmul_kernels():
+    tree = {
+        "dense": {"kernel": np.ones((2, 2), np.float32), "bias": np.ones(2, np.float32)},
+        "embed": {"embedding": np.ones((3, 2), np.float32)},
+        "step": np.int32(3),
+    }
+    cast = sampling.cast_matmul_kernels(tree, jax.numpy.bfloat16)
+    assert cast["dense"]["kernel"].dtype == jax.numpy.bfloat16
+    assert cast["dense"]["bias"].dtype == np.float32
+    assert cast["embed"]["embedding"].dtype == np.float32
+    assert cast["step"].dtype == np.int32
+    assert sampling.cast_matmul_kernels(tree, jax.numpy.float32) is tree
