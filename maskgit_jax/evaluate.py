@@ -22,7 +22,6 @@ share of the labels and the features are gathered before the metrics are compute
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -99,23 +98,12 @@ class ShardedSampler:
         self.tokenizer_variables = jax.device_put(model.tokenizer_variables, replicated)
         self.transformer_variables = jax.device_put(model.transformer_variables, replicated)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-        s = model.config.sampling
-        self.options = dict(num_steps=int(s.num_steps), schedule=s.schedule)
-        self.choice_temperature = jnp.float32(s.choice_temperature)
-        self.temperature = jnp.float32(s.temperature)
 
     def __call__(self, labels: np.ndarray, rng: jax.Array) -> jax.Array:
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
-        # The sampler's jitted cores, called on sharded labels so that GSPMD splits the batch.
-        tokens = self.sampler._generate_tokens(
-            self.transformer_variables,
-            labels,
-            rng,
-            self.choice_temperature,
-            self.temperature,
-            **self.options,
+        return self.sampler.sample(
+            self.tokenizer_variables, self.transformer_variables, labels, rng
         )
-        return self.sampler._decode_images(self.tokenizer_variables, tokens[:, 1:])
 
 
 def sample_outputs(

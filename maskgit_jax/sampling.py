@@ -119,8 +119,16 @@ class MaskGITSampler:
         schedule: str | None = None,
         temperature: float | None = None,
     ) -> Array:
-        """Image tokens [B, L-1] for `labels` [B]; options default to `config.sampling`."""
-        labels = validation.check_labels(labels, self.config.num_classes)
+        """Image tokens [B, L-1] for `labels` [B]; options default to `config.sampling`.
+
+        `labels` may be a device array sharded over a mesh's batch axis (with the variables
+        replicated or sharded on the same mesh): the one compiled program then splits the
+        batch over the devices, and the tokens come back sharded the same way.
+        """
+        if not isinstance(labels, jax.Array) or labels.is_fully_addressable:
+            validation.check_labels(np.asarray(labels), self.config.num_classes)
+        if not isinstance(labels, jax.Array):
+            labels = jnp.asarray(labels, jnp.int32)
         num_steps, choice_temperature, schedule, temperature = self._options(
             num_steps, choice_temperature, schedule, temperature
         )
@@ -129,7 +137,7 @@ class MaskGITSampler:
             raise ValueError(f"temperature must be > 0; got {temperature}.")
         tokens = self._generate_tokens(
             transformer_variables,
-            jnp.asarray(labels),
+            labels.astype(jnp.int32),
             rng,
             jnp.float32(choice_temperature),
             jnp.float32(temperature),
@@ -138,12 +146,24 @@ class MaskGITSampler:
         )
         return tokens[:, 1:]
 
+    def sample(
+        self, tokenizer_variables: Any, transformer_variables: Any, labels, rng: jax.Array, **kw
+    ) -> Array:
+        """Images [B, H, W, 3] in [0, 1] as a device array laid out like `labels`.
+
+        The device-side form of `generate` for sharded evaluation (`maskgit_jax.evaluate`,
+        FID during training): no host transfer; keyword options as `generate_tokens`.
+        """
+        tokens = self.generate_tokens(transformer_variables, labels, rng, **kw)
+        return self._decode_images(tokenizer_variables, tokens)
+
     def generate(
         self, tokenizer_variables: Any, transformer_variables: Any, labels, rng: jax.Array, **kw
     ) -> np.ndarray:
         """Images [B, H, W, 3] in [0, 1] for `labels`; keyword options as `generate_tokens`."""
-        tokens = self.generate_tokens(transformer_variables, labels, rng, **kw)
-        return np.asarray(self._decode_images(tokenizer_variables, tokens))
+        return np.asarray(
+            self.sample(tokenizer_variables, transformer_variables, labels, rng, **kw)
+        )
 
     def decode_tokens(self, tokenizer_variables: Any, tokens) -> np.ndarray:
         """Images [B, H, W, 3] in [0, 1] for image tokens [B, h*w] or [B, h, w]."""

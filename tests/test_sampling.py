@@ -181,3 +181,23 @@ def test_bf16_decoding_casts_only_matmul_kernels():
     assert cast["embed"]["embedding"].dtype == np.float32
     assert cast["step"].dtype == np.int32
     assert sampling.cast_matmul_kernels(tree, jax.numpy.float32) is tree
+
+
+def test_sample_splits_a_sharded_batch_over_devices_with_the_same_images(setup):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    labels = np.array([0, 1, 2, 3, 3, 2, 1, 0])
+    rng = jax.random.PRNGKey(5)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = setup["sampler"].sample(
+        jax.device_put(setup["tokenizer_vars"], replicated),
+        jax.device_put(setup["transformer_vars"], replicated),
+        jax.device_put(labels, NamedSharding(mesh, PartitionSpec("data"))),
+        rng,
+        num_steps=NUM_STEPS,
+    )
+    assert isinstance(sharded, jax.Array) and len(sharded.sharding.device_set) == 4
+    assert sharded.addressable_shards[0].data.shape[0] == 2
+    single = _generate(setup, labels=labels, seed=5)
+    np.testing.assert_allclose(np.asarray(sharded), single, atol=1e-5)
