@@ -24,6 +24,7 @@ from maskgit_jax.models.transformer import (
     Mlp,
     _dense,
     _layer_norm,
+    multi_head_attention,
     truncated_normal_init,
 )
 
@@ -55,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         def projection(name):
             return _dense(shape, ("embed", "heads", "kv"), name, self.dtype)(x)
 
-        query = projection("query") / jnp.asarray(math.sqrt(head_dim), self.dtype)
+        query = projection("query") / math.sqrt(head_dim)
         key, value = projection("key"), projection("value")
         if cache is not None:
             start = (0, position, 0, 0)
@@ -65,12 +66,7 @@ class CausalSelfAttention(nn.Module):
         query_positions = position + jnp.arange(x.shape[1])
         key_positions = jnp.arange(key.shape[1])
         allowed = key_positions[None, :] <= query_positions[:, None]
-        scores = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
-        scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        context = jnp.einsum(
-            "bhqk,bkhd->bqhd", probs.astype(self.dtype), value, preferred_element_type=jnp.float32
-        ).astype(self.dtype)
+        context = multi_head_attention(query, key, value, dtype=self.dtype, allowed=allowed)
         out = _dense(
             self.hidden_size,
             ("heads", "kv", "embed"),

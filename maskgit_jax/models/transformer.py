@@ -8,7 +8,9 @@ in float32; matmul outputs, the residual adds, GELU, softmax and LayerNorm stati
 float32, and LayerNorm outputs (the next matmuls' inputs) are bf16. Parameters stay float32.
 """
 
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -139,6 +141,53 @@ class Embed(nn.Module):
         return _constrain(x), word_embeddings.embedding
 
 
+def multi_head_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    dtype: Any = jnp.float32,
+    heads_per_block: int | None = None,
+    allowed: Array | None = None,
+    dropout: Callable[[Array], Array] | None = None,
+) -> Array:
+    """softmax(q k^T) v for query [B, Q, H, D] and key/value [B, K, H, D] -> [B, Q, H, D].
+
+    Matmul operands are cast to `dtype`; scores, softmax and the context are float32.
+    `allowed` [Q, K] (True where a query may see a key) masks scores, `dropout` is applied to
+    the probabilities. The work is split into blocks of `heads_per_block` heads (None: one
+    block); see `SelfAttention` for why.
+    """
+    num_heads = query.shape[2]
+    block = heads_per_block or num_heads
+    if num_heads % block:
+        raise ValueError(f"heads_per_block={block} does not divide num_heads={num_heads}.")
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    contexts = []
+    for first in range(0, num_heads, block):
+        heads = slice(first, first + block)
+        scores = jnp.einsum(
+            "bqhd,bkhd->bhqk",
+            query[:, :, heads],
+            key[:, :, heads],
+            preferred_element_type=jnp.float32,
+        )
+        if allowed is not None:
+            scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        if dropout is not None:
+            probs = dropout(probs)
+        contexts.append(
+            jnp.einsum(
+                "bhqk,bkhd->bqhd",
+                probs.astype(dtype),
+                value[:, :, heads],
+                preferred_element_type=jnp.float32,
+            )
+        )
+    return contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=2)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections (the released layout).
 
@@ -162,36 +211,20 @@ class SelfAttention(nn.Module):
         def projection(name):
             return _dense(shape, ("embed", "heads", "kv"), name, self.dtype)(x)
 
-        query = (projection("query") / math.sqrt(head_dim)).astype(self.dtype)
-        key = projection("key").astype(self.dtype)
-        value = projection("value").astype(self.dtype)
-        block = self.heads_per_block or self.num_heads
-        if self.num_heads % block:
-            raise ValueError(f"heads_per_block={block} does not divide num_heads={self.num_heads}.")
+        query = projection("query") / math.sqrt(head_dim)
+        key = projection("key")
+        value = projection("value")
         dropout = None
         if not deterministic and self.attention_dropout_rate > 0:
             dropout = nn.Dropout(self.attention_dropout_rate, broadcast_dims=(0,))
-        contexts = []
-        for first in range(0, self.num_heads, block):
-            heads = slice(first, first + block)
-            scores = jnp.einsum(
-                "bqhd,bkhd->bhqk",
-                query[:, :, heads],
-                key[:, :, heads],
-                preferred_element_type=jnp.float32,
-            )
-            probs = jax.nn.softmax(scores, axis=-1)
-            if dropout is not None:
-                probs = dropout(probs, deterministic=False)
-            contexts.append(
-                jnp.einsum(
-                    "bhqk,bkhd->bqhd",
-                    probs.astype(self.dtype),
-                    value[:, :, heads],
-                    preferred_element_type=jnp.float32,
-                )
-            )
-        context = contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=2)
+        context = multi_head_attention(
+            query,
+            key,
+            value,
+            dtype=self.dtype,
+            heads_per_block=self.heads_per_block,
+            dropout=None if dropout is None else functools.partial(dropout, deterministic=False),
+        )
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
         return _dense(
             self.hidden_size,
