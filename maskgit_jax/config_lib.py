@@ -207,7 +207,45 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.schedule = "cosine"
     # Softmax temperature of token sampling.
     c.sampling.temperature = 1.0
+
+    # Sample-quality metrics during training, with the FID Inception network (evaluation/).
+    c.evaluation = evaluation_config()
     return c
+
+
+def evaluation_config() -> ml_collections.ConfigDict:
+    """The `evaluation` section: FID/IS of samples and rFID of reconstructions in training.
+
+    Configs saved before the section existed have no `evaluation`; readers use
+    `evaluation_settings(config)`, which falls back to these defaults (metrics off).
+    """
+    e = ml_collections.ConfigDict()
+    # TF's 2015-12-05 classify_image_graph_def.pb (or its .tgz); "" disables the metrics.
+    e.inception_path = ""
+    # Reference .npz from `evaluate --mode=reference`; "" = eval split, cached in the workdir.
+    e.reference_statistics = ""
+    # Eval-split examples in a reference computed during training (0 = the whole split).
+    e.reference_examples = 0
+    # Keep raw features in a computed reference, so that precision/recall are reported too.
+    e.keep_reference_features = False
+    # Images sampled per FID evaluation of the transformer (labels 0..num_classes-1 repeated).
+    e.num_samples = 10_000
+    # Metrics every this many steps, a multiple of logging.eval_every_steps (0 = every eval).
+    e.every_steps = 0
+    # Images per sampling and Inception batch, per process (a multiple of its device count).
+    e.batch_size = 64
+    # Splits of the Inception Score (its mean and standard deviation are over them).
+    e.inception_score_splits = 10
+    return e
+
+
+def evaluation_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config.evaluation` with defaults for fields it lacks (older saved configs)."""
+    settings = evaluation_config()
+    saved = config.get("evaluation")
+    if saved is not None:
+        settings.update(dict(saved))
+    return settings
 
 
 def tokens_per_side(config: ml_collections.ConfigDict) -> int:
@@ -279,4 +317,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(
             "stage='transformer' needs training.tokenizer_checkpoint (a pretrained directory or "
             "a tokenizer-stage workdir) or training.pretokenized_dir."
+        )
+    _validate_evaluation(config)
+
+
+def _validate_evaluation(config: ml_collections.ConfigDict) -> None:
+    """Checks the `evaluation` section; nothing is checked while the metrics are off."""
+    e = evaluation_settings(config)
+    if not e.inception_path:
+        return
+    if e.num_samples < 2:
+        raise ValueError(
+            f"evaluation.num_samples={e.num_samples}: FID needs at least 2 samples (a "
+            "covariance); use thousands for a meaningful value."
+        )
+    if e.batch_size < 1:
+        raise ValueError(f"evaluation.batch_size={e.batch_size} must be >= 1.")
+    if not 1 <= e.inception_score_splits <= e.num_samples:
+        raise ValueError(
+            f"evaluation.inception_score_splits={e.inception_score_splits} must be in "
+            f"[1, evaluation.num_samples={e.num_samples}]."
+        )
+    if e.reference_examples < 0 or e.reference_examples == 1:
+        raise ValueError(
+            f"evaluation.reference_examples={e.reference_examples}: use 0 (the whole eval "
+            "split) or at least 2."
+        )
+    every, eval_every = e.every_steps, config.logging.eval_every_steps
+    if not eval_every:
+        raise ValueError(
+            "evaluation.inception_path is set but logging.eval_every_steps=0: the metrics run "
+            "with the held-out evaluation; set logging.eval_every_steps > 0 or clear "
+            "evaluation.inception_path."
+        )
+    if every < 0 or every % eval_every:
+        raise ValueError(
+            f"evaluation.every_steps={every} must be 0 (every evaluation) or a multiple of "
+            f"logging.eval_every_steps={eval_every}: the metrics run with the held-out "
+            "evaluation."
         )

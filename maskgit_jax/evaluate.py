@@ -74,13 +74,22 @@ def local_mesh() -> Mesh:
     return Mesh(np.array(jax.local_devices()), ("data",), axis_types=(AxisType.Auto,))
 
 
-def _gather(x: np.ndarray) -> np.ndarray:
-    """Concatenates every process's rows (in process order)."""
+def gather_rows(x: np.ndarray) -> np.ndarray:
+    """Concatenates every process's rows (in process order); row counts may differ.
+
+    Every process must call it (a collective). Shares of uneven size (e.g. `process_labels`
+    of a sample count the processes do not divide) are padded for the gather and trimmed.
+    """
+    x = np.asarray(x)
     if jax.process_count() == 1:
         return x
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)]), tiled=True))
+    padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
+    padded[: len(x)] = x
+    everything = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([rows[:n] for rows, n in zip(everything, counts, strict=True)])
 
 
 def process_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -90,14 +99,34 @@ def process_labels(num_samples: int, num_classes: int) -> np.ndarray:
 
 
 class ShardedSampler:
-    """Images for a batch of labels, the batch split over `mesh` (one compiled program)."""
+    """Images for a batch of labels, the batch split over `mesh` (one compiled program).
 
-    def __init__(self, model: pretrained.Pretrained, mesh: Mesh):
-        self.sampler = sampling.MaskGITSampler(model.config)
+    The variables (host arrays, or arrays this process can read whole) are replicated over
+    `mesh`; `sampler` is a `sampling.MaskGITSampler` of the models' config.
+    """
+
+    def __init__(
+        self,
+        sampler: sampling.MaskGITSampler,
+        tokenizer_variables: Any,
+        transformer_variables: Any,
+        mesh: Mesh,
+    ):
+        self.sampler = sampler
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.tokenizer_variables = jax.device_put(model.tokenizer_variables, replicated)
-        self.transformer_variables = jax.device_put(model.transformer_variables, replicated)
+        self.tokenizer_variables = jax.device_put(tokenizer_variables, replicated)
+        self.transformer_variables = jax.device_put(transformer_variables, replicated)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+
+    @classmethod
+    def from_pretrained(cls, model: pretrained.Pretrained, mesh: Mesh) -> "ShardedSampler":
+        """A sampler of a loaded pretrained pair."""
+        return cls(
+            sampling.MaskGITSampler(model.config),
+            model.tokenizer_variables,
+            model.transformer_variables,
+            mesh,
+        )
 
     def __call__(self, labels: np.ndarray, rng: jax.Array) -> jax.Array:
         labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
@@ -167,7 +196,7 @@ def evaluate_samples() -> dict[str, float]:
     labels = process_labels(FLAGS.num_samples, model.config.num_classes)
     rng = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), jax.process_index())
     outputs = sample_outputs(
-        ShardedSampler(model, mesh),
+        ShardedSampler.from_pretrained(model, mesh),
         inception_fn,
         labels,
         rng,
@@ -175,14 +204,19 @@ def evaluate_samples() -> dict[str, float]:
         acceptance_rate=FLAGS.acceptance_rate,
         class_index=class_index,
     )
-    outputs = {key: _gather(value) for key, value in outputs.items()}
+    outputs = {key: gather_rows(value) for key, value in outputs.items()}
     if FLAGS.output and jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, outputs["pool_3"], keep_features=True)
     return report(outputs, reference, splits=FLAGS.is_splits, k=FLAGS.pr_k)
 
 
-def reference_features(config: Any, inception_fn: Any, batch_size: int) -> np.ndarray:
-    """Inception pool_3 features of every example of the config's dataset eval split."""
+def reference_features(
+    config: Any, inception_fn: Any, batch_size: int, max_batches: int = 0
+) -> np.ndarray:
+    """Inception pool_3 features of the config's dataset eval split (this process's share).
+
+    `batch_size` is per process; `max_batches` > 0 stops after that many batches.
+    """
     from maskgit_jax import input_pipeline  # TensorFlow input pipeline: reference mode only
 
     _, eval_ds, info = input_pipeline.create_datasets(
@@ -194,7 +228,9 @@ def reference_features(config: Any, inception_fn: Any, batch_size: int) -> np.nd
     if eval_ds is None:
         raise ValueError(f"dataset {info.name!r} has no eval split; set dataset.eval_split.")
     features = []
-    for batch in eval_ds:
+    for index, batch in enumerate(eval_ds):
+        if max_batches and index >= max_batches:
+            break
         mask = np.asarray(batch["mask"], bool)
         features.append(inception_fn(batch["image"])["pool_3"][mask])
     return np.concatenate(features)
@@ -207,7 +243,7 @@ def write_reference() -> dict[str, Any]:
     inception_fn = inception.make_apply_fn(
         inception.load_inception_params(FLAGS.inception), local_mesh()
     )
-    features = _gather(reference_features(FLAGS.config, inception_fn, FLAGS.batch_size))
+    features = gather_rows(reference_features(FLAGS.config, inception_fn, FLAGS.batch_size))
     if jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, features, keep_features=FLAGS.keep_features)
     return {"num_examples": len(features), "output": FLAGS.output}

@@ -28,6 +28,7 @@ from maskgit_jax import (
     sampling,
     train_loop,
 )
+from maskgit_jax.evaluation import in_training
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 
@@ -216,10 +217,19 @@ def _load_tokenizer(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains the transformer stage in `workdir` (resuming), with eval, samples and export."""
     config_lib.validate(config)
+    workdir = epath.Path(workdir)
+    sample_quality = None
+    if in_training.enabled(config):
+        # Read once, before anything is trained: a missing file stops the run here.
+        sample_quality = in_training.SampleQuality(
+            config,
+            workdir,
+            in_training.load_inception(config),
+            dtype=_compute_dtype(config.training),
+        )
     use_pretokenized = bool(config.training.pretokenized_dir)
     tokenizer_variables = _load_tokenizer(config)
     trainer = TransformerTrainer(config, tokenizer_variables)
-    workdir = epath.Path(workdir)
     sampler = sampling.MaskGITSampler(config, dtype=_compute_dtype(config.training))
     _, eval_ds, _ = input_pipeline.create_datasets(
         config.dataset,
@@ -227,11 +237,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         global_batch_size=config.training.batch_size,
         seed=config.seed,
     )
+    if (
+        sample_quality is not None
+        and eval_ds is None
+        and not sample_quality.settings.reference_statistics
+    ):
+        raise ValueError(
+            "evaluation.inception_path is set but the dataset has no eval split to compute the "
+            "FID reference from: set dataset.eval_split or evaluation.reference_statistics."
+        )
     mesh_holder = {}
 
     def on_eval(state, step, writer):
-        if eval_ds is None:
-            return
+        if eval_ds is not None:
+            held_out_loss(state, step, writer)
+        if sample_quality is not None and in_training.due(config, step):
+            writer.write_scalars(
+                step, sample_quality(tokenizer_variables, trainer.sample_params(state))
+            )
+
+    def held_out_loss(state, step, writer):
         totals = np.zeros(3)
         for index, batch in enumerate(eval_ds):
             if config.logging.eval_batches and index >= config.logging.eval_batches:
