@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import logging
 from etils import epath
 
 from maskgit_jax import (
@@ -30,6 +31,7 @@ from maskgit_jax import (
     reconstruction_metrics,
     train_loop,
 )
+from maskgit_jax.evaluation import in_training
 from maskgit_jax.models import build_tokenizer
 from maskgit_jax.models.discriminator import StyleGANDiscriminator
 from maskgit_jax.models.perceptual import perceptual_loss, vgg16_features_fn
@@ -136,9 +138,16 @@ class TokenizerTrainer:
             loss += self.training.perceptual_weight * perceptual
             terms["perceptual_loss"] = perceptual
         if self.use_gan:
-            fake_logits = self._discriminate(state.disc_params, recon)
-            adversarial = losses.generator_loss(fake_logits, self.training.gan_loss)
-            loss += gan_active * self.training.gan_weight * adversarial
+
+            def adversarial_loss(recon):
+                fake_logits = self._discriminate(state.disc_params, recon)
+                return losses.generator_loss(fake_logits, self.training.gan_loss)
+
+            # lax.cond: before the delayed start the discriminator is not run at all.
+            adversarial = jax.lax.cond(
+                gan_active, adversarial_loss, lambda _: jnp.zeros((), jnp.float32), recon
+            )
+            loss += self.training.gan_weight * adversarial
             terms["generator_adversarial_loss"] = adversarial
         return loss, (recon, result, terms)
 
@@ -181,7 +190,7 @@ class TokenizerTrainer:
         """One generator update, then `disc_steps` discriminator updates once the GAN starts."""
         images = batch["image"]
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
-        gan_active = (state.step >= self.training.gan_start_step).astype(jnp.float32)
+        gan_active = state.step >= self.training.gan_start_step
         grad_fn = jax.value_and_grad(self._generator_loss, has_aux=True)
         (loss, (recon, result, terms)), grads = grad_fn(
             state.params, state, images, perceptual_params, gan_active
@@ -226,18 +235,23 @@ class TokenizerTrainer:
         )
         if self.use_gan:
             fake = jax.lax.stop_gradient(recon)
-            disc_state = (state.disc_params, state.disc_opt_state, state.lecam_ema)
+
+            def update(state):
+                return self._discriminator_update(state, images, fake)
+
+            def keep(state):
+                # Before the delayed start the discriminator keeps its initial state, and its
+                # update (forward, backward, R1) is skipped rather than computed and dropped.
+                shapes = jax.eval_shape(update, state)[3]
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+                return state.disc_params, state.disc_opt_state, state.lecam_ema, zeros
+
             for _ in range(self.training.disc_steps):
-                disc_params, disc_opt_state, lecam_ema, disc_metrics = self._discriminator_update(
-                    state, images, fake
-                )
-                # Before the delayed start the discriminator keeps its initial state.
-                new = (disc_params, disc_opt_state, lecam_ema)
-                disc_state = jax.tree.map(
-                    lambda n, o: jnp.where(gan_active > 0, n, o), new, disc_state
+                disc_params, disc_opt_state, lecam_ema, disc_metrics = jax.lax.cond(
+                    gan_active, update, keep, state
                 )
                 state = state.replace(
-                    disc_params=disc_state[0], disc_opt_state=disc_state[1], lecam_ema=disc_state[2]
+                    disc_params=disc_params, disc_opt_state=disc_opt_state, lecam_ema=lecam_ema
                 )
             metrics.update(disc_metrics)
         return state, metrics
@@ -254,21 +268,37 @@ class TokenizerTrainer:
 
 
 def evaluate_reconstruction(
-    trainer: TokenizerTrainer, params: Any, eval_batches, max_batches: int
+    trainer: TokenizerTrainer,
+    params: Any,
+    eval_batches,
+    max_batches: int,
+    inception_fn: Any | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """PSNR, SSIM and codebook usage over held-out batches; returns also the first batch pair."""
+    """PSNR, SSIM and codebook usage over held-out batches; returns also the first batch pair.
+
+    With `inception_fn` (images -> {"pool_3", ...}, e.g. `in_training.load_inception`), also
+    "eval_rfid": the FID between the inputs' and the reconstructions' Inception features over
+    the same batches, gathered from every process (then every process must call this).
+    Whole batches are reconstructed (one compiled shape) and padding rows dropped after.
+    """
     psnrs, ssims, ids, first = [], [], [], None
+    rfid = in_training.ReconstructionFID(inception_fn) if inception_fn is not None else None
     for index, batch in enumerate(eval_batches):
         if max_batches and index >= max_batches:
             break
-        keep = np.asarray(batch["mask"]) if "mask" in batch else slice(None)
-        images = np.asarray(batch["image"])[keep]
-        if not len(images):
+        batch_images = np.asarray(batch["image"])
+        keep = np.ones(len(batch_images), bool)
+        if "mask" in batch:
+            keep = np.asarray(batch["mask"], bool)
+        if not keep.any():
             continue
-        recon, codes = jax.device_get(trainer.reconstruct(params, images))
+        batch_recon, codes = jax.device_get(trainer.reconstruct(params, batch_images))
+        images, recon = batch_images[keep], np.asarray(batch_recon)[keep]
         psnrs.append(reconstruction_metrics.psnr(recon, images, reduce=False))
         ssims.append(reconstruction_metrics.ssim(recon, images, reduce=False))
-        ids.append(np.asarray(codes).reshape(-1))
+        ids.append(np.asarray(codes)[keep].reshape(-1))
+        if rfid is not None:
+            rfid.add(batch_images, batch_recon, keep)
         first = first if first is not None else (images, recon)
     usage, perplexity = reconstruction_metrics.codebook_usage(
         np.concatenate(ids), trainer.config.tokenizer.codebook_size
@@ -279,6 +309,8 @@ def evaluate_reconstruction(
         "eval_codebook_usage": usage,
         "eval_perplexity": perplexity,
     }
+    if rfid is not None:
+        metrics["eval_rfid"] = rfid.compute()
     return metrics, first[0], first[1]
 
 
@@ -298,6 +330,8 @@ def _load_perceptual(config: ml_collections.ConfigDict) -> Any:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TokenizerState:
     """Trains the tokenizer in `workdir` (resuming) and exports it to workdir/pretrained."""
     config_lib.validate(config)
+    # rFID's Inception network is read once, before anything is trained.
+    inception_fn = in_training.load_inception(config) if in_training.enabled(config) else None
     perceptual_params = _load_perceptual(config)
     trainer = TokenizerTrainer(config)
     workdir = epath.Path(workdir)
@@ -307,13 +341,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
         global_batch_size=config.tokenizer_training.batch_size,
         seed=config.seed,
     )
+    if inception_fn is not None and eval_ds is None:
+        logging.warning("evaluation.inception_path is set, but without an eval split no rFID.")
 
     def on_eval(state, step, writer):
         if eval_ds is None:
             return
         params = jax.device_get(trainer.eval_params(state))
         metrics, images, recon = evaluate_reconstruction(
-            trainer, params, eval_ds, config.logging.eval_batches
+            trainer,
+            params,
+            eval_ds,
+            config.logging.eval_batches,
+            inception_fn=inception_fn if in_training.due(config, step) else None,
         )
         writer.write_scalars(step, metrics)
         count = min(len(images), 8)
