@@ -94,7 +94,7 @@ class CausalLayer(nn.Module):
         attended, cache = CausalSelfAttention(
             self.num_heads, self.hidden_size, self.dtype, name="self_attention"
         )(x, cache, position)
-        x = _layer_norm("attention_output_ln", self.dtype)(attended + x)
+        x = _layer_norm("attention_output_ln")(attended + x)
         x = Mlp(self.hidden_size, self.mlp_dim, 0.0, self.dtype, name="mlp")(x, True)
         return x, cache
 
@@ -136,7 +136,7 @@ class CausalTransformer(nn.Module):
             embedding_init=truncated_normal_init(),
             name="position_embeddings",
         )
-        self.embeddings_ln = _layer_norm("embeddings_ln", self.dtype)
+        self.embeddings_ln = _layer_norm("embeddings_ln")
         self.layers = [
             CausalLayer(
                 self.num_heads, self.hidden_size, self.mlp_dim, self.dtype, name=f"layer_{i}"

@@ -4,8 +4,8 @@ Module names (`Embed_0/word_embeddings`, `TransformerLayer_3/Attention_0/self_at
 `MlmLayer_0/mlm_bias`) are the authors'. Every parameter carries logical axis names
 (batch, length, embed, heads, kv, mlp, vocab) so sharding is declared by rules, not placed by
 hand. `dtype` is the compute dtype: with bfloat16, matmuls take bf16 operands and accumulate
-in float32; matmul outputs, the residual adds, GELU, softmax and LayerNorm statistics stay in
-float32, and LayerNorm outputs (the next matmuls' inputs) are bf16. Parameters stay float32.
+in float32; matmul outputs, the residual stream (LayerNorm outputs), GELU and softmax stay in
+float32, and each matmul casts its operands. Parameters stay float32.
 """
 
 import functools
@@ -96,10 +96,15 @@ def _dense(features, names, name, dtype, axis=-1, bias_names=None):
     )
 
 
-def _layer_norm(name: str, dtype) -> nn.LayerNorm:
+def _layer_norm(name: str) -> nn.LayerNorm:
+    """LayerNorm with float32 output whatever the compute dtype.
+
+    In a post-LN transformer its output is the residual stream; keeping it float32 raised bf16
+    decoding's argmax agreement with fp32 from 97.9% to 98.9% (imagenet256, random weights).
+    """
     return nn.LayerNorm(
         epsilon=LAYER_NORM_EPSILON,
-        dtype=dtype,
+        dtype=jnp.float32,
         scale_init=_logical(nn.initializers.ones_init(), ("embed",)),
         bias_init=_logical(nn.initializers.zeros_init(), ("embed",)),
         name=name,
@@ -136,7 +141,7 @@ class Embed(nn.Module):
         )
         # A negative id (the released code writes the mask as -1) selects from the table's end.
         x = word_embeddings(ids) + position_embeddings(jnp.arange(ids.shape[-1])[None, :])
-        x = _layer_norm("embeddings_ln", self.dtype)(x.astype(self.dtype))
+        x = _layer_norm("embeddings_ln")(x)
         x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
         return _constrain(x), word_embeddings.embedding
 
@@ -257,7 +262,7 @@ class Attention(nn.Module):
             name="self_attention",
         )(x, deterministic)
         attended = nn.Dropout(self.dropout_rate)(attended, deterministic=deterministic)
-        return _constrain(_layer_norm("attention_output_ln", self.dtype)(attended + x))
+        return _constrain(_layer_norm("attention_output_ln")(attended + x))
 
 
 class Mlp(nn.Module):
@@ -274,7 +279,7 @@ class Mlp(nn.Module):
         h = nn.gelu(nn.with_logical_constraint(h, ("batch", "length", "mlp")))
         h = _dense(self.hidden_size, ("mlp", "embed"), "layer_output", self.dtype)(h)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        return _constrain(_layer_norm("layer_output_ln", self.dtype)(h + x))
+        return _constrain(_layer_norm("layer_output_ln")(h + x))
 
 
 class TransformerLayer(nn.Module):
@@ -322,10 +327,13 @@ class MlmLayer(nn.Module):
     @nn.compact
     def __call__(self, x: Array, word_embeddings: Array, num_logits: int | None) -> Array:
         x = _dense(self.hidden_size, ("embed", "mlp"), "mlm_dense", self.dtype)(x)
-        x = _layer_norm("mlm_ln", self.dtype)(nn.gelu(x))
+        x = _layer_norm("mlm_ln")(nn.gelu(x))
         table = word_embeddings[:num_logits] if num_logits else word_embeddings
         logits = jnp.einsum(
-            "bld,vd->blv", x, table.astype(self.dtype), preferred_element_type=jnp.float32
+            "bld,vd->blv",
+            x.astype(self.dtype),
+            table.astype(self.dtype),
+            preferred_element_type=jnp.float32,
         )
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return Bias(self.vocab_size, name="mlm_bias")(logits)
