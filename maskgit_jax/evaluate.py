@@ -24,10 +24,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from maskgit_jax import pretrained, sampling
+from maskgit_jax import multihost, pretrained, sampling
 from maskgit_jax.evaluation import inception, metrics, rejection
 
 FLAGS = flags.FLAGS
@@ -67,29 +67,6 @@ def _define_flags() -> None:
         "statistics and features.",
     )
     flags.DEFINE_bool("keep_features", False, "Also store the raw features (for precision/recall).")
-
-
-def local_mesh() -> Mesh:
-    """A 1-D ("data",) mesh over this process's devices."""
-    return Mesh(np.array(jax.local_devices()), ("data",), axis_types=(AxisType.Auto,))
-
-
-def gather_rows(x: np.ndarray) -> np.ndarray:
-    """Concatenates every process's rows (in process order); row counts may differ.
-
-    Every process must call it (a collective). Shares of uneven size (e.g. `process_labels`
-    of a sample count the processes do not divide) are padded for the gather and trimmed.
-    """
-    x = np.asarray(x)
-    if jax.process_count() == 1:
-        return x
-    from jax.experimental import multihost_utils
-
-    counts = np.asarray(multihost_utils.process_allgather(np.array([len(x)]), tiled=True))
-    padded = np.zeros((int(counts.max()), *x.shape[1:]), x.dtype)
-    padded[: len(x)] = x
-    everything = np.asarray(multihost_utils.process_allgather(padded))
-    return np.concatenate([rows[:n] for rows, n in zip(everything, counts, strict=True)])
 
 
 def process_labels(num_samples: int, num_classes: int) -> np.ndarray:
@@ -188,7 +165,7 @@ def evaluate_samples() -> dict[str, float]:
                 "probability and needs --inception_label_map (see evaluation/rejection.py)."
             )
         class_index = rejection.inception_class_index(FLAGS.inception_label_map)
-    mesh = local_mesh()
+    mesh = multihost.local_mesh()
     if FLAGS.batch_size % mesh.size:
         raise app.UsageError(f"--batch_size must be a multiple of the {mesh.size} local devices.")
     model = pretrained.load_pretrained(FLAGS.checkpoint)
@@ -204,7 +181,7 @@ def evaluate_samples() -> dict[str, float]:
         acceptance_rate=FLAGS.acceptance_rate,
         class_index=class_index,
     )
-    outputs = {key: gather_rows(value) for key, value in outputs.items()}
+    outputs = {key: multihost.gather_rows(value) for key, value in outputs.items()}
     if FLAGS.output and jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, outputs["pool_3"], keep_features=True)
     return report(outputs, reference, splits=FLAGS.is_splits, k=FLAGS.pr_k)
@@ -241,9 +218,11 @@ def write_reference() -> dict[str, Any]:
     if FLAGS.config is None or not FLAGS.output:
         raise app.UsageError("--config and --output are required in reference mode.")
     inception_fn = inception.make_apply_fn(
-        inception.load_inception_params(FLAGS.inception), local_mesh()
+        inception.load_inception_params(FLAGS.inception), multihost.local_mesh()
     )
-    features = gather_rows(reference_features(FLAGS.config, inception_fn, FLAGS.batch_size))
+    features = multihost.gather_rows(
+        reference_features(FLAGS.config, inception_fn, FLAGS.batch_size)
+    )
     if jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, features, keep_features=FLAGS.keep_features)
     return {"num_examples": len(features), "output": FLAGS.output}

@@ -291,8 +291,7 @@ port, index, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(
     f"127.0.0.1:{port}", num_processes=2, process_id=index, initialization_timeout=120
 )
-from maskgit_jax import evaluate
-from maskgit_jax.evaluation import in_training
+from maskgit_jax import evaluate, multihost
 
 rows = np.full((3 - index, 2), float(index))  # uneven shares: 3 rows and 2 rows
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -301,9 +300,9 @@ sharded = jax.make_array_from_callback(
     value.shape, NamedSharding(mesh, PartitionSpec("data")), lambda i: value[i]
 )
 result = {
-    "gathered": evaluate.gather_rows(rows).tolist(),
+    "gathered": multihost.gather_rows(rows).tolist(),
     "labels": evaluate.process_labels(5, 10).tolist(),
-    "copy": in_training.host_copy({"w": sharded})["w"].tolist(),
+    "copy": multihost.host_copy({"w": sharded})["w"].tolist(),
 }
 with open(out, "w") as f:
     json.dump(result, f)

@@ -20,13 +20,10 @@ Everything runs on a 1-D mesh over this process's devices, outside the training 
 features of all processes are gathered before the metrics are computed.
 """
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -35,7 +32,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from maskgit_jax import config_lib, evaluate, sampling
+from maskgit_jax import config_lib, evaluate, multihost, sampling
 from maskgit_jax.evaluation import inception, metrics
 
 # Reference statistics computed during training, in the stage's workdir.
@@ -55,18 +52,6 @@ def due(config: ml_collections.ConfigDict, step: int) -> bool:
     return not every or step % every == 0
 
 
-@contextlib.contextmanager
-def local_context(mesh: Mesh) -> Iterator[None]:
-    """`mesh` as the current mesh, without the training's logical-axis rules.
-
-    The training loop calls its hooks under the training mesh and its rules; the metrics'
-    programs are laid out on the process-local mesh instead (the model's logical
-    constraints are no-ops without rules; the batch sharding of the inputs is propagated).
-    """
-    with jax.set_mesh(mesh), nn.logical_axis_rules(()):
-        yield
-
-
 class InceptionNetwork:
     """The FID Inception network on this process's devices: images -> {"pool_3", "logits"}.
 
@@ -75,11 +60,11 @@ class InceptionNetwork:
     """
 
     def __init__(self, params: Any, mesh: Mesh | None = None):
-        self.mesh = mesh if mesh is not None else evaluate.local_mesh()
+        self.mesh = mesh if mesh is not None else multihost.local_mesh()
         self._apply = inception.make_apply_fn(params, self.mesh)
 
     def __call__(self, images: Any) -> dict[str, np.ndarray]:
-        with local_context(self.mesh):
+        with multihost.local_context(self.mesh):
             return self._apply(images)
 
 
@@ -165,24 +150,6 @@ def report(
     return result
 
 
-def host_copy(tree: Any) -> Any:
-    """Numpy copies of a pytree's arrays, gathering arrays sharded over several processes.
-
-    Every process must call it (the gather of a multi-process array is a collective).
-    """
-
-    def leaf(x):
-        if isinstance(x, jax.Array) and x.sharding.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            from jax.experimental import multihost_utils
-
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-
-    return jax.tree.map(leaf, tree)
-
-
 class ReconstructionFID:
     """Reconstruction FID: Inception features of inputs and reconstructions, batch by batch."""
 
@@ -203,8 +170,8 @@ class ReconstructionFID:
 
     def compute(self) -> float:
         """FID between all processes' inputs and reconstructions (a collective)."""
-        real = evaluate.gather_rows(_concat(self.real))
-        reconstructed = evaluate.gather_rows(_concat(self.reconstructed))
+        real = multihost.gather_rows(_concat(self.real))
+        reconstructed = multihost.gather_rows(_concat(self.reconstructed))
         return fid_between(real, reconstructed)
 
 
@@ -328,16 +295,16 @@ class SampleQuality:
         features = evaluate.reference_features(
             self.config, self.inception_fn, batch_size, max_batches=max_batches
         )
-        features = evaluate.gather_rows(features)
+        features = multihost.gather_rows(features)
         return features[:limit] if limit else features
 
     def __call__(self, tokenizer_variables: Any, transformer_params: Any) -> dict[str, float]:
         """Samples, Inception outputs and the metrics (a collective: call on every process)."""
         reference = self.reference()
         started = time.time()
-        tokenizer_variables = host_copy(tokenizer_variables)
-        transformer_variables = host_copy({"params": transformer_params})
-        with local_context(self.mesh):
+        tokenizer_variables = multihost.host_copy(tokenizer_variables)
+        transformer_variables = multihost.host_copy({"params": transformer_params})
+        with multihost.local_context(self.mesh):
             sample_fn = evaluate.ShardedSampler(
                 self.sampler, tokenizer_variables, transformer_variables, self.mesh
             )
@@ -348,7 +315,7 @@ class SampleQuality:
                 self.rng,
                 batch_size=self.settings.batch_size,
             )
-        outputs = {key: evaluate.gather_rows(value) for key, value in outputs.items()}
+        outputs = {key: multihost.gather_rows(value) for key, value in outputs.items()}
         result = report(
             outputs,
             reference,
