@@ -5,13 +5,16 @@ r"""Converts the authors' released tokenizer + transformer files into a pretrain
     --transformer=maskgit_imagenet256_checkpoint --output=DIR
 
 Both files are checked name by name and shape by shape against the models built from the
-config before anything is written; the output directory must be new or empty.
+config before anything is written; the output directory must be new or empty. A relative
+--output is taken from the current directory; an interrupted conversion leaves only
+`<output>.partial`, which the next run removes.
 """
 
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import official_checkpoint, pretrained
+from maskgit_jax import official_checkpoint, paths, pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Released tokenizer file (local or gs://).")
@@ -22,17 +25,20 @@ _OUTPUT = flags.DEFINE_string("output", None, "Pretrained directory to write (ne
 flags.mark_flags_as_required(["config", "tokenizer", "transformer", "output"])
 
 
-def convert(tokenizer_path: str, transformer_path: str, config, output: str) -> None:
-    """Loads and checks both released files, then writes them in this project's format."""
+def convert(tokenizer_path: str, transformer_path: str, config, output: str) -> epath.Path:
+    """Loads and checks both released files, then writes them in this project's format.
+
+    Returns the absolute output directory.
+    """
     tokenizer = official_checkpoint.load_official_tokenizer(tokenizer_path, config)
     transformer = official_checkpoint.load_official_transformer(transformer_path, config)
-    pretrained.save_pretrained(output, config, tokenizer, transformer)
+    return pretrained.save_pretrained(paths.absolute(output), config, tokenizer, transformer)
 
 
 def main(argv):
     del argv
-    convert(_TOKENIZER.value, _TRANSFORMER.value, _CONFIG.value, _OUTPUT.value)
-    logging.info("Wrote %s", _OUTPUT.value)
+    output = convert(_TOKENIZER.value, _TRANSFORMER.value, _CONFIG.value, _OUTPUT.value)
+    logging.info("Wrote %s", output)
 
 
 if __name__ == "__main__":

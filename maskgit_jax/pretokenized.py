@@ -1,7 +1,9 @@
 """Pre-tokenized datasets: writing token shards once, and a deterministic batch reader.
 
 Layout: `<dir>/shard_<process>.npz` with `tokens` [n, A, h, w] (A augmentations: the
-center crop and its horizontal flip) and `labels` [n], plus `<dir>/info.json`. The reader
+center crop and its horizontal flip) and `labels` [n], `<dir>/info.json`, and in
+`<dir>/pretrained/` a copy of the tokenizer that made the tokens (config.json and tokenizer/),
+so the directory alone is enough to train the transformer and decode its samples. The reader
 orders examples by a permutation of (seed, epoch) over all shards, so global batches do not
 depend on the process count and a run restarted at step k sees the batches it would have.
 """
@@ -16,21 +18,25 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import config_lib, input_pipeline, pretrained
+from maskgit_jax import config_lib, input_pipeline, paths, pretrained
 from maskgit_jax.models import build_tokenizer
 
 INFO_FILE = "info.json"
+# The copy of the tokenizer inside a pre-tokenized directory (a pretrained directory).
+TOKENIZER_COPY = pretrained.WORKDIR_EXPORT
 
 
-def write(config: ml_collections.ConfigDict, output: str) -> int:
-    """Tokenizes this process's share of the train split; returns the examples written."""
-    output = epath.Path(output)
+def write(config: ml_collections.ConfigDict, output: str | epath.PathLike) -> int:
+    """Tokenizes this process's share of the train split; returns the examples written.
+
+    Process 0 also copies the tokenizer into `<output>/pretrained` and writes info.json.
+    """
+    output = paths.absolute(output)
     shard = output / f"shard_{jax.process_index()}.npz"
     if shard.exists():
         raise FileExistsError(f"{shard} exists; choose a new --output directory.")
-    loaded = pretrained.load_pretrained(
-        _tokenizer_dir(config.training.tokenizer_checkpoint), config, parts=("tokenizer",)
-    )
+    source = _tokenizer_dir(config.training.tokenizer_checkpoint)
+    loaded = pretrained.load_pretrained(source, config, parts=("tokenizer",))
     tokenizer = build_tokenizer(config)
     encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method="encode"))
     dataset = config.dataset.copy_and_resolve_references()
@@ -63,28 +69,57 @@ def write(config: ml_collections.ConfigDict, output: str) -> int:
     with shard.open("wb") as f:
         np.savez(f, tokens=tokens_array, labels=np.concatenate(labels).astype(np.int32))
     if jax.process_index() == 0:
+        pretrained.copy_pretrained(
+            source, output / TOKENIZER_COPY, parts=("tokenizer",), overwrite=True
+        )
         info = {
             "num_shards": jax.process_count(),
             "codebook_size": config.tokenizer.codebook_size,
             "tokens_per_side": config_lib.tokens_per_side(config),
             "split": dataset.train_split,
+            "tokenizer": TOKENIZER_COPY,
+            "tokenizer_source": str(source),
         }
         (output / INFO_FILE).write_text(json.dumps(info, indent=2))
     return len(tokens_array)
 
 
 def _tokenizer_dir(path: str) -> epath.Path:
+    """The pretrained directory of training.tokenizer_checkpoint (or a workdir's export)."""
     if not path:
         raise ValueError(
             "training.tokenizer_checkpoint is empty: pre-tokenizing needs a tokenizer."
         )
-    path = epath.Path(path)
-    return path / "pretrained" if (path / "pretrained").exists() else path
+    return pretrained.find_pretrained(path, "tokenizer", "training.tokenizer_checkpoint")
+
+
+def tokenizer_dir(directory: str | epath.PathLike) -> epath.Path:
+    """The pretrained directory of the tokenizer that made the tokens in `directory`.
+
+    That is the copy in `<directory>/pretrained`, else the source recorded in info.json
+    if it still exists; a FileNotFoundError says to set training.tokenizer_checkpoint.
+    """
+    directory = paths.absolute(directory)
+    candidates = [directory / TOKENIZER_COPY]
+    info_path = directory / INFO_FILE
+    if info_path.exists():
+        recorded = json.loads(info_path.read_text()).get("tokenizer_source")
+        if recorded:
+            candidates.append(paths.absolute(recorded))
+    for candidate in candidates:
+        if (candidate / "tokenizer").exists():
+            return candidate
+    raise FileNotFoundError(
+        f"training.pretokenized_dir={directory} holds no tokenizer (looked for "
+        f"{', '.join(str(c / 'tokenizer') for c in candidates)}): it was written by an older "
+        "version or moved without it. Set training.tokenizer_checkpoint to the tokenizer the "
+        "tokens were made with."
+    )
 
 
 def load(directory: str | epath.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Reads every shard: tokens [N, A, h, w], labels [N] and the info dict."""
-    directory = epath.Path(directory)
+    directory = paths.absolute(directory)
     info_path = directory / INFO_FILE
     if not info_path.exists():
         raise FileNotFoundError(

@@ -16,9 +16,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
 from absl import app, flags, logging
-from etils import epath
 
-from maskgit_jax import images_io, pipeline
+from maskgit_jax import images_io, paths, pipeline
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretrained directory (local or gs://).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the PNG files and grid.png.")
@@ -125,7 +124,7 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _BATCH_SIZE.value < 1:
         raise app.UsageError("--batch_size must be >= 1.")
-    pipe = pipeline.MaskGITPipeline.from_pretrained(_CHECKPOINT.value)
+    pipe = pipeline.MaskGITPipeline.from_pretrained(paths.absolute(_CHECKPOINT.value))
     labels, rows = requested_labels(
         _LABELS.value, _NUM_PER_CLASS.value, _CLASSES.value, pipe.config.num_classes
     )
@@ -144,7 +143,7 @@ def main(argv):
             raise app.UsageError(f"--mode={_MODE.value} needs --image=PATH.")
         image = images_io.read_image(_IMAGE.value)
 
-    output = epath.Path(_OUTPUT.value)
+    output = paths.absolute(_OUTPUT.value)
     output.mkdir(parents=True, exist_ok=True)
     rng = jax.random.PRNGKey(_SEED.value)
     size = _BATCH_SIZE.value
