@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -19,6 +20,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
+
+from maskgit_jax import multihost, paths
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +60,9 @@ def create_checkpoint_manager(
     ):
         for arg_type in arg_types:
             registry.add(item, arg_type)
-    return ocp.CheckpointManager(epath.Path(directory), options=options, handler_registry=registry)
+    return ocp.CheckpointManager(
+        paths.absolute(directory), options=options, handler_registry=registry
+    )
 
 
 def save(
@@ -142,11 +147,15 @@ def _saved_state_tree(manager: ocp.CheckpointManager, step: int) -> Any:
     return getattr(metadata, "tree", metadata)
 
 
+class _ConfigMismatchError(ValueError):
+    """The saved tree differs from the model the config builds: a config error, not a bad file."""
+
+
 def _raise_mismatch(manager: ocp.CheckpointManager, step: int, diffs: list[str]) -> None:
     """Raises a ValueError listing the first differences between a checkpoint and the model."""
     shown = "\n  ".join(diffs[:10])
     more = f"\n  ... and {len(diffs) - 10} more" if len(diffs) > 10 else ""
-    raise ValueError(
+    raise _ConfigMismatchError(
         f"checkpoint step {step} in {manager.directory} does not match the model built from "
         f"the config ({len(diffs)} differences); first: {diffs[0]}\n  {shown}{more}"
     )
@@ -178,20 +187,61 @@ def _restore_target(abstract_state: Any) -> Any:
     return jax.tree_util.tree_map_with_path(to_target, abstract_state)
 
 
+# Unreadable steps are moved to `<checkpoints>/<step>.unreadable-<time>`: Orbax does not take
+# that name for a step, so the resumed run's saves proceed, and nothing is deleted.
+UNREADABLE_SUFFIX = ".unreadable"
+
+
+def _try_restore(manager: ocp.CheckpointManager, step: int, target: Any, attempts: int) -> Any:
+    """Restores `step` (state and meta), retrying transient read errors; raises the last one."""
+    args = ocp.args.Composite(
+        **{STATE_ITEM: ocp.args.StandardRestore(target), META_ITEM: ocp.args.JsonRestore()}
+    )
+    for attempt in range(attempts):
+        try:
+            found = _saved_state_tree(manager, step)
+            diffs = compare_trees(target, found)
+            if diffs:
+                _raise_mismatch(manager, step, diffs)
+            return manager.restore(step, args=args)
+        except _ConfigMismatchError:
+            raise
+        except Exception as e:  # Orbax raises ValueError, OSError or a bare Exception.
+            if attempt + 1 == attempts:
+                raise
+            logger.warning("Reading checkpoint step %d failed (%r); retrying.", step, e)
+            time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def _move_aside(manager: ocp.CheckpointManager, steps: list[int]) -> list[epath.Path]:
+    """Renames unreadable step directories out of Orbax's way (process 0), keeping them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for step in steps:
+        source = epath.Path(manager.directory) / str(step)
+        destination = source.parent / f"{step}{UNREADABLE_SUFFIX}-{stamp}"
+        if jax.process_index() == 0 and source.exists():
+            source.rename(destination)
+        moved.append(destination)
+    multihost.sync(f"checkpoints_moved_aside_{stamp}_{'_'.join(map(str, steps))}")
+    manager.reload()
+    return moved
+
+
 def restore_latest(
-    manager: ocp.CheckpointManager,
-    abstract_state: Any,
-    delete_unrestorable: bool = True,
+    manager: ocp.CheckpointManager, abstract_state: Any, attempts: int = 2
 ) -> tuple[Any, dict[str, Any], int] | None:
     """Restores the newest readable step as (state, meta, step); None when none restores.
 
     `abstract_state` holds ShapeDtypeStructs (or arrays) with the target shardings, so a
     checkpoint saved on any device count restores onto the current mesh. Each step's saved
     tree is checked against it first: a mismatch raises a ValueError (a config error, not
-    corruption). A step that fails to read is logged and skipped for the previous one. Once a
-    step restores, the newer unreadable steps are deleted (if `delete_unrestorable`): Orbax
-    skips saves at steps <= its latest step, so they would otherwise block the resumed run's
-    checkpoints until it passes them.
+    corruption). A step that fails to read `attempts` times on any process is skipped for
+    the previous one, on every process alike. Once an older step restores, the unreadable
+    newer ones are renamed to `<step>.unreadable-<time>` beside it: never deleted (a read
+    error may be transient; rename one back to retry it), and no longer blocking the resumed
+    run's saves (Orbax skips saves at steps <= the newest step directory it sees).
     """
     manager.wait_until_finished()
     manager.reload()
@@ -199,41 +249,35 @@ def restore_latest(
     unreadable = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            found = _saved_state_tree(manager, step)
-        except Exception as e:  # Any read failure makes this step unusable.
+            restored, error = _try_restore(manager, step, target, attempts), None
+        except _ConfigMismatchError:
+            raise
+        except Exception as e:  # Any read failure makes this step unusable here.
+            restored, error = None, e
+        # Every process must restore the same step (a read error may hit one host only).
+        if not multihost.all_processes(error is None):
             logger.warning(
-                "Checkpoint step %d is unreadable (metadata: %r); trying older.", step, e
+                "Checkpoint step %d in %s is unreadable (%r); trying the previous step.",
+                step,
+                manager.directory,
+                error or "failed on another process",
             )
             unreadable.append(step)
             continue
-        diffs = compare_trees(target, found)
-        if diffs:
-            _raise_mismatch(manager, step, diffs)
-        args = ocp.args.Composite(
-            **{
-                STATE_ITEM: ocp.args.StandardRestore(target),
-                META_ITEM: ocp.args.JsonRestore(),
-            }
-        )
-        try:
-            restored = manager.restore(step, args=args)
-        except Exception as e:  # Orbax raises ValueError or a bare Exception.
-            logger.warning("Checkpoint step %d failed to restore (%r); trying older.", step, e)
-            unreadable.append(step)
-            continue
-        if unreadable and delete_unrestorable:
+        if unreadable:
+            moved = _move_aside(manager, unreadable)
             logger.warning(
-                "Restored step %d; deleting unreadable newer steps %s so later saves proceed.",
+                "Restored step %d. The unreadable newer steps %s were kept, renamed to %s, so "
+                "that this run's saves proceed; rename one back to retry it.",
                 step,
                 unreadable,
+                [str(path) for path in moved],
             )
-            for bad in unreadable:
-                manager.delete(bad)
         return restored[STATE_ITEM], dict(restored[META_ITEM]), step
     if unreadable:
         logger.error(
-            "No checkpoint in %s restores (unreadable steps %s); they are kept, and Orbax will "
-            "skip saves at steps <= %d until they are removed.",
+            "No checkpoint in %s restores (unreadable steps %s). They are kept as they are; "
+            "this run cannot save at steps <= %d until they are moved away.",
             manager.directory,
             unreadable,
             max(unreadable),

@@ -204,15 +204,20 @@ def test_corrupt_latest_falls_back(tmp_path, caplog, corrupt):
     assert step == 1 and meta["data_state"] == {"position": 1}
     _assert_bitwise_equal(state, states[1])
     assert any("step 2" in r.getMessage() for r in caplog.records)
-    # The unreadable step is gone, so the resumed run can save step 2 again.
+    # The unreadable step is kept, moved aside, so the resumed run can save step 2 again.
     assert manager.all_steps() == [1]
+    kept = sorted(p.name for p in (tmp_path / "ckpt").iterdir() if "unreadable" in p.name)
+    assert len(kept) == 1 and kept[0].startswith("2.unreadable-")
+    assert (tmp_path / "ckpt" / kept[0] / "state").is_dir()
     assert checkpoints.save(manager, 2, states[2], {})
     manager.wait_until_finished()
     assert checkpoints.restore_latest(manager, target)[2] == 2
+    # The moved-aside copy survives the next save and restore too.
+    assert (tmp_path / "ckpt" / kept[0] / "state").is_dir()
     manager.close()
 
 
-def test_failed_array_read_falls_back(tmp_path, monkeypatch, caplog):
+def test_failed_array_read_falls_back_and_keeps_the_step(tmp_path, monkeypatch, caplog):
     # Metadata reads fine but reading the arrays fails (Orbax raises a bare Exception).
     mesh = _mesh((2, 2, 2))
     manager = _manager(tmp_path)
@@ -222,19 +227,54 @@ def test_failed_array_read_falls_back(tmp_path, monkeypatch, caplog):
         checkpoints.save(manager, step, states[step], {})
     manager.wait_until_finished()
     real_restore = manager.restore
+    attempts = []
 
-    def flaky_restore(step, *args, **kwargs):
+    def failing_restore(step, *args, **kwargs):
         if step == 2:
+            attempts.append(step)
             raise Exception("Encountered error while reading array index 0")  # noqa: TRY002
         return real_restore(step, *args, **kwargs)
 
-    monkeypatch.setattr(manager, "restore", flaky_restore)
+    monkeypatch.setattr(manager, "restore", failing_restore)
+    monkeypatch.setattr(checkpoints.time, "sleep", lambda seconds: None)
     with caplog.at_level(logging.WARNING, logger=checkpoints.__name__):
-        state, _, step = checkpoints.restore_latest(manager, target, delete_unrestorable=False)
-    assert step == 1
+        state, _, step = checkpoints.restore_latest(manager, target, attempts=3)
+    assert step == 1 and attempts == [2, 2, 2]
     _assert_bitwise_equal(state, states[1])
-    assert any("step 2 failed to restore" in r.getMessage() for r in caplog.records)
-    assert manager.all_steps() == [1, 2]  # kept when asked to
+    assert any(
+        "step 2" in r.getMessage() and "unreadable" in r.getMessage() for r in caplog.records
+    )
+    # Never deleted: the step's files are all still there, under the moved-aside name.
+    [kept] = [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("2.unreadable-")]
+    monkeypatch.undo()
+    kept.rename(tmp_path / "ckpt" / "2")
+    manager.reload()
+    restored, _, step = checkpoints.restore_latest(manager, target)
+    assert step == 2
+    _assert_bitwise_equal(restored, states[2])
+    manager.close()
+
+
+def test_transient_read_error_is_retried(tmp_path, monkeypatch):
+    mesh = _mesh((2, 2, 2))
+    manager = _manager(tmp_path)
+    state, target = _make_state(mesh, seed=3)
+    checkpoints.save(manager, 3, state, {})
+    manager.wait_until_finished()
+    real_restore = manager.restore
+    failures = [Exception("transient gs:// read error")]
+
+    def flaky_restore(step, *args, **kwargs):
+        if failures:
+            raise failures.pop()
+        return real_restore(step, *args, **kwargs)
+
+    monkeypatch.setattr(manager, "restore", flaky_restore)
+    monkeypatch.setattr(checkpoints.time, "sleep", lambda seconds: None)
+    restored, _, step = checkpoints.restore_latest(manager, target)
+    assert step == 3
+    _assert_bitwise_equal(restored, state)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["3"]
     manager.close()
 
 
