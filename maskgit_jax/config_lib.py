@@ -163,7 +163,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.training.grad_accum_steps = 1
     # Recompute each layer's activations in the backward pass to save memory.
     c.training.remat = False
-    # Pretrained directory (or tokenizer-stage workdir) of the frozen tokenizer.
+    # Pretrained directory (or tokenizer-stage workdir) of the frozen tokenizer; may stay ""
+    # with pretokenized_dir, which holds a copy of the tokenizer its tokens were made with.
     c.training.tokenizer_checkpoint = ""
     # Directory of pre-tokenized data written by maskgit_jax.pretokenize ("" = tokenize live).
     c.training.pretokenized_dir = ""
@@ -178,6 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.checkpoint.max_to_keep = 3
     # Write checkpoints in the background while training continues.
     c.checkpoint.async_save = True
+    # Refuse to save (and stop) when any parameter's magnitude exceeds this: an exploded run
+    # (say, a learning rate far too high) is finite but useless. 0 checks finiteness only.
+    c.checkpoint.max_abs_param = 1e6
 
     # Metrics, evaluation and samples.
     c.logging = ml_collections.ConfigDict()

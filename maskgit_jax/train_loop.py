@@ -11,13 +11,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from maskgit_jax import checkpoints, input_pipeline, sharding
+from maskgit_jax import checkpoints, input_pipeline, paths, sharding
 
 PyTree = Any
 StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str, jax.Array]]]
@@ -25,6 +26,10 @@ StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class BadStateError(FloatingPointError):
+    """The parameters became non-finite or exploded; nothing after the last good step is saved."""
 
 
 @dataclasses.dataclass
@@ -104,6 +109,27 @@ def create_sharded_setup(
     return ShardedSetup(mesh, rules, sharding.strip_boxes(boxed), shardings, constants_shardings)
 
 
+def preflight(config: ml_collections.ConfigDict, trainings: dict[str, str]) -> None:
+    """Checks, before any stage starts, what each stage of the run needs of the devices.
+
+    `trainings` maps stage names to their training sections (e.g. {"tokenizer":
+    "tokenizer_training", "transformer": "training"}). A `stage=both` run then fails on a
+    transformer batch the mesh cannot split before the tokenizer has trained for hours.
+    """
+    mesh = sharding.create_mesh(config.mesh)
+    for name, section in trainings.items():
+        batch_size = config[section].batch_size
+        try:
+            sharding.check_batch_divisible(batch_size, mesh)
+        except ValueError as e:
+            raise ValueError(f"{name} stage ({section}.batch_size): {e}") from None
+        if batch_size % jax.process_count():
+            raise ValueError(
+                f"{name} stage: {section}.batch_size={batch_size} is not divisible by the "
+                f"{jax.process_count()} processes (each reads an equal share)."
+            )
+
+
 def init_state(setup: ShardedSetup, stage: Stage, seed: int) -> PyTree:
     """Initialises the state directly sharded (no full copy on any one device)."""
     with setup.activate():
@@ -131,13 +157,61 @@ def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
     return {k: float(np.mean([h[k] for h in stacked])) for k in stacked[0]}
 
 
-def _check_finite(metrics: dict[str, float], step: int, name: str) -> None:
+def _resume_advice(last_good: int | None, checkpoint_dir: epath.Path) -> str:
+    if last_good is None:
+        return "No checkpoint of this run was saved before it."
+    return (
+        f"The last good checkpoint is step {last_good} in {checkpoint_dir}; nothing later was "
+        "saved. Lower the learning rate, enable gradient clipping or use float32 compute, "
+        "and resume from it."
+    )
+
+
+def _check_finite(
+    metrics: dict[str, float], step: int, name: str, last_good: int | None, directory
+) -> None:
     if not np.isfinite(metrics.get("loss", 0.0)):
         raise NonFiniteLossError(
             f"{name} training loss is {metrics['loss']} at or before step {step}; stopping. "
-            "The last checkpoint saved before this point is kept; lower the learning rate, "
-            "enable gradient clipping or use float32 compute and resume."
+            + _resume_advice(last_good, directory)
         )
+
+
+def _params_of(state: PyTree) -> PyTree:
+    """The trained parameters of a stage's state (the whole state if it has no `params`)."""
+    return getattr(state, "params", state)
+
+
+@jax.jit
+def state_health(state: PyTree) -> tuple[jax.Array, jax.Array]:
+    """(every floating leaf of the state is finite, largest |parameter|), as two scalars."""
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+    params = [
+        x for x in jax.tree.leaves(_params_of(state)) if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    largest = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in params]))
+    return finite, largest
+
+
+def check_state(
+    state: PyTree, step: int, name: str, max_abs: float, last_good: int | None, directory
+) -> None:
+    """Raises BadStateError if the state is non-finite or a parameter exceeds `max_abs` (> 0)."""
+    finite, largest = (float(x) for x in jax.device_get(state_health(state)))
+    if not finite:
+        problem = "non-finite values (NaN or inf) in the train state"
+    elif max_abs and not largest <= max_abs:
+        problem = (
+            f"a parameter of magnitude {largest:.3g} (above checkpoint.max_abs_param="
+            f"{max_abs:g}): training has diverged"
+        )
+    else:
+        return
+    raise BadStateError(
+        f"{name} at step {step}: {problem}; stopping without saving it. "
+        + _resume_advice(last_good, directory)
+    )
 
 
 def run(
@@ -148,7 +222,7 @@ def run(
 ) -> PyTree:
     """Trains `stage` in `workdir`, resuming from its latest readable checkpoint."""
     training, log_config = stage.training, config.logging
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     setup = setup or create_sharded_setup(config, stage)
     manager = checkpoints.create_checkpoint_manager(
         workdir / "checkpoints",
@@ -164,6 +238,10 @@ def run(
     else:
         state, _, step = restored
         logging.info("%s: resumed from step %d.", stage.name, step)
+    # The newest step known to be good: restored, or saved after passing the guards.
+    last_good = None if restored is None else step
+    checkpoint_dir = workdir / "checkpoints"
+    max_abs = config.checkpoint.get("max_abs_param", 0.0)
 
     if stage.batches is not None:
         train_iter = stage.batches(step)
@@ -192,26 +270,36 @@ def run(
     history: list[dict[str, jax.Array]] = []
 
     def checked_save(force: bool) -> None:
-        # Never save parameters produced after a non-finite loss.
+        # Never save a state produced after a non-finite loss, or itself non-finite/exploded.
+        nonlocal last_good
         if unchecked:
-            _check_finite(_mean_metrics(unchecked), step, stage.name)
+            _check_finite(_mean_metrics(unchecked), step, stage.name, last_good, checkpoint_dir)
             unchecked.clear()
+        check_state(state, step, stage.name, max_abs, last_good, checkpoint_dir)
         checkpoints.save(manager, step, state, metadata, force=force)
+        last_good = step
 
     preemption = checkpoints.PreemptionHandler().install()
+    previous_loss = None
     try:
         with setup.activate():
             while step < training.num_train_steps:
                 batch = input_pipeline.make_global_batch(next(train_iter), setup.mesh)
                 state, metrics = step_fn(state, batch, constants)
                 step += 1
+                # Keep the host at most one step ahead of the device: the next batch is
+                # prepared while this step runs, but a preemption save (and the logged
+                # steps/s and ETA) never waits behind a queue of dispatched steps.
+                if previous_loss is not None:
+                    previous_loss.block_until_ready()
+                previous_loss = metrics["loss"]
                 history.append(metrics)
                 unchecked.append({"loss": metrics["loss"]})
                 report(step)
                 if step % log_config.log_every_steps == 0 or step == training.num_train_steps:
                     summary = _mean_metrics(history)
                     history.clear()
-                    _check_finite(summary, step, stage.name)
+                    _check_finite(summary, step, stage.name, last_good, checkpoint_dir)
                     unchecked.clear()
                     writer.write_scalars(step, summary)
                 if manager.should_save(step):

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from etils import epath
 
 from maskgit_jax import (
     config_lib,
@@ -26,7 +25,9 @@ from maskgit_jax import (
     images_io,
     input_pipeline,
     losses,
+    multihost,
     optimizers,
+    paths,
     pretrained,
     reconstruction_metrics,
     train_loop,
@@ -300,17 +301,25 @@ def evaluate_reconstruction(
         if rfid is not None:
             rfid.add(batch_images, batch_recon, keep)
         first = first if first is not None else (images, recon)
+    # Every process's held-out examples count (each process read its own share).
+    psnrs, ssims, ids = (
+        multihost.gather_rows(np.concatenate(parts) if parts else np.zeros((0,), dtype))
+        for parts, dtype in ((psnrs, np.float64), (ssims, np.float64), (ids, np.int64))
+    )
     usage, perplexity = reconstruction_metrics.codebook_usage(
-        np.concatenate(ids), trainer.config.tokenizer.codebook_size
+        ids, trainer.config.tokenizer.codebook_size
     )
     metrics = {
-        "eval_psnr": float(np.mean(np.minimum(np.concatenate(psnrs), 100.0))),
-        "eval_ssim": float(np.mean(np.concatenate(ssims))),
+        "eval_psnr": float(np.mean(np.minimum(psnrs, 100.0))),
+        "eval_ssim": float(np.mean(ssims)),
         "eval_codebook_usage": usage,
         "eval_perplexity": perplexity,
     }
     if rfid is not None:
         metrics["eval_rfid"] = rfid.compute()
+    if first is None:  # This process held only padding rows.
+        size = trainer.config.image_size
+        first = (np.zeros((0, size, size, 3), np.float32),) * 2
     return metrics, first[0], first[1]
 
 
@@ -334,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
     inception_fn = in_training.load_inception(config) if in_training.enabled(config) else None
     perceptual_params = _load_perceptual(config)
     trainer = TokenizerTrainer(config)
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     _, eval_ds, _ = input_pipeline.create_datasets(
         config.dataset,
         image_size=config.image_size,
@@ -347,16 +356,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
     def on_eval(state, step, writer):
         if eval_ds is None:
             return
-        params = jax.device_get(trainer.eval_params(state))
-        metrics, images, recon = evaluate_reconstruction(
-            trainer,
-            params,
-            eval_ds,
-            config.logging.eval_batches,
-            inception_fn=inception_fn if in_training.due(config, step) else None,
-        )
+        # A host copy (gathered where the parameters span processes), evaluated on this
+        # process's own devices, outside the training mesh.
+        params = multihost.host_copy(trainer.eval_params(state))
+        with multihost.local_context():
+            metrics, images, recon = evaluate_reconstruction(
+                trainer,
+                params,
+                eval_ds,
+                config.logging.eval_batches,
+                inception_fn=inception_fn if in_training.due(config, step) else None,
+            )
         writer.write_scalars(step, metrics)
         count = min(len(images), 8)
+        if not count:
+            return
         grid = images_io.make_grid(np.concatenate([images[:count], recon[:count]]), rows=2)
         writer.write_images(step, {"reconstructions": grid[None]})
         if jax.process_index() == 0:

@@ -42,6 +42,7 @@ from tests.training_support import (
     read_scalars,
     reference_overrides,
     tiny_config,
+    write_config_file,
 )
 
 pytest_plugins = ["tests.training_support"]
@@ -248,15 +249,6 @@ def test_default_rules_shard_an_odd_vocabulary_on_a_tensor_mesh(data_dir):
 # Kill (SIGTERM) and resume through `python -m maskgit_jax.main`.
 
 
-def _write_config_file(path, data_dir, overrides) -> str:
-    path.write_text(
-        "from tests.training_support import tiny_config\n\n\n"
-        "def get_config():\n"
-        f"    return tiny_config({data_dir!r}, **{overrides!r})\n"
-    )
-    return str(path)
-
-
 def _main_command(config_file, workdir):
     return [
         sys.executable,
@@ -285,7 +277,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(run_a, tmp_path, data_
     config_b = tiny_config(data_dir, **{**overrides_b1, "logging.sample_every_steps": 0})
     for section in ("training", "transformer", "tokenizer", "dataset", "mesh", "checkpoint"):
         assert config_b[section].to_json() == config_a[section].to_json()
-    config_file = _write_config_file(tmp_path / "tiny_config.py", data_dir, overrides_b1)
+    config_file = write_config_file(tmp_path / "tiny_config.py", data_dir, overrides_b1)
     workdir = tmp_path / "run_b"
     command = _main_command(config_file, workdir)
     log = open(tmp_path / "run_b1.log", "w")
@@ -348,8 +340,19 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(run_a, tmp_path, data_
 # The loop's guards on a toy stage (a linear least-squares model; no image pipeline).
 
 
-def toy_stage(num_train_steps, nan_from_step=None, on_eval=None):
-    """A stage whose state {w, step} turns NaN (loss and params) from step `nan_from_step`."""
+def toy_stage(
+    num_train_steps,
+    nan_from_step=None,
+    on_eval=None,
+    learning_rate=0.1,
+    nan_params_from_step=None,
+    device_work=0,
+):
+    """A stage whose state {w, step} turns NaN (loss and params) from step `nan_from_step`.
+
+    `nan_params_from_step` makes only the parameters NaN (the loss, computed before the
+    update, stays finite); `device_work` > 0 makes each step that many matmuls slower.
+    """
 
     def init_state(rng):
         return {"w": jax.random.normal(rng, (8, 4)), "step": jnp.zeros((), jnp.int32)}
@@ -361,7 +364,15 @@ def toy_stage(num_train_steps, nan_from_step=None, on_eval=None):
             return jnp.mean((batch["x"] @ w) ** 2)
 
         loss, grad = jax.value_and_grad(loss_fn)(state["w"])
-        w = state["w"] - 0.1 * grad
+        w = state["w"] - learning_rate * grad
+        if device_work:
+            # Device time without changing the result: `device_work` dependent matmuls.
+            x = jax.lax.fori_loop(
+                0, device_work, lambda i, x: jnp.tanh(x @ x), jnp.full((384, 384), 1e-3)
+            )
+            w = w + 0.0 * jnp.sum(x)
+        if nan_params_from_step is not None:
+            w = jnp.where(state["step"] + 1 >= nan_params_from_step, jnp.nan, w)
         if nan_from_step is not None:
             bad = state["step"] + 1 >= nan_from_step
             w = jnp.where(bad, jnp.nan, w)
@@ -420,12 +431,63 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     message = str(error.value)
     assert "toy training loss is nan" in message
     assert f"at or before step {raised_at}" in message
-    assert "last checkpoint" in message
+    assert f"The last good checkpoint is step {last_good} in {tmp_path}" in message
     assert checkpoint_steps(tmp_path)[-1] == last_good
     state, meta, step = _restore(tmp_path, config, stage)
     assert step == last_good == meta["step"]
     assert int(state["step"]) == last_good
     assert np.isfinite(np.asarray(state["w"])).all()
+
+
+def test_exploded_parameters_are_never_saved(tmp_path, data_dir):
+    # A learning rate of 1e9: the loss of step 1 is finite, but the parameters it produced
+    # are huge (finite), and they must not be saved as "last good" at step 2.
+    config = toy_config(data_dir, log_every=100, save_every=2)
+    stage = toy_stage(num_train_steps=10, learning_rate=1e9)
+    with pytest.raises(train_loop.BadStateError) as error:
+        train_loop.run(config, str(tmp_path), stage)
+    message = str(error.value)
+    assert "toy at step 1:" in message and "checkpoint.max_abs_param" in message
+    assert "No checkpoint of this run was saved" in message
+    assert checkpoint_steps(tmp_path) == []
+
+
+def test_non_finite_parameters_with_a_finite_loss_are_never_saved(tmp_path, data_dir):
+    config = toy_config(data_dir, log_every=100, save_every=2)
+    stage = toy_stage(num_train_steps=10, nan_params_from_step=6)
+    with pytest.raises(train_loop.BadStateError) as error:
+        train_loop.run(config, str(tmp_path), stage)
+    message = str(error.value)
+    assert "toy at step 6:" in message and "non-finite" in message
+    assert "The last good checkpoint is step 4" in message
+    assert checkpoint_steps(tmp_path) == [1, 2, 4]
+    state, _, step = _restore(tmp_path, config, stage)
+    assert step == 4 and np.isfinite(np.asarray(state["w"])).all()
+
+
+def test_preemption_saves_within_about_two_step_times(tmp_path, data_dir):
+    # The host must not queue steps far ahead of the device, or a preemption save waits
+    # behind them (and steps/s, ETA are wrong). The eval hook runs once per step on the host;
+    # SIGTERM is sent in step 20's. Measured: from the signal to a complete checkpoint on
+    # disk, i.e. `run` returning.
+    hooks = {}
+
+    def send_sigterm(state, step, writer):
+        hooks[step] = time.monotonic()
+        if step == 20:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = toy_config(data_dir, log_every=1000, save_every=1000)
+    stage = toy_stage(num_train_steps=60, on_eval=send_sigterm, device_work=40)
+    state = train_loop.run(config, str(tmp_path), stage)
+    latency = time.monotonic() - hooks[20]
+    stopped = int(state["step"])
+    assert stopped == 21 and checkpoint_steps(tmp_path)[-1] == 21
+    # The host's pace is the device's: one step per hook interval.
+    step_time = float(np.median(np.diff([hooks[s] for s in range(5, 21)])))
+    assert step_time > 0.05, f"the steps did not take device time ({step_time:.3f} s)"
+    # About two step times (the step in flight, the last one), plus the save itself.
+    assert latency < 3 * step_time + 1.0, (latency, step_time)
 
 
 def test_sigterm_on_a_checkpoint_step_saves_once_and_exits(tmp_path, data_dir):
@@ -531,3 +593,33 @@ def test_transformer_stage_without_a_tokenizer(tmp_path, data_dir):
         tmp_path,
         limit_s=1.0,
     )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (
+            {"training.batch_size": 12},
+            r"transformer stage \(training.batch_size\): global batch 12 is not divisible",
+        ),
+        ({"mesh.shape": (3, 1, 1)}, r"mesh shape \(3, 1, 1\) needs 3 devices"),
+        ({"training.pretokenized_dir": "/tokens"}, r"holds tokens of another tokenizer"),
+        (
+            {"evaluation.inception_path": "/inception.pb", "evaluation.batch_size": 4},
+            r"evaluation.batch_size=4 must be a multiple of this process's 8 devices",
+        ),
+    ],
+    ids=["transformer-batch", "mesh", "pretokenized", "evaluation-batch"],
+)
+def test_stage_both_checks_the_transformer_before_the_tokenizer_trains(
+    tmp_path, data_dir, overrides, match
+):
+    config = tiny_config(data_dir, stage="both", **overrides)
+    _assert_fails_fast(
+        lambda: main.train_and_evaluate(config, tmp_path),
+        ValueError,
+        match,
+        tmp_path / "tokenizer",
+        limit_s=10.0,
+    )
+    assert not (tmp_path / "tokenizer").exists()
