@@ -22,7 +22,9 @@ from maskgit_jax import (
     images_io,
     input_pipeline,
     masking,
+    multihost,
     optimizers,
+    paths,
     pretokenized,
     pretrained,
     sampling,
@@ -115,12 +117,18 @@ class TransformerTrainer:
         return ids, mask
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array], tokenizer_variables):
-        """One AdamW update on the global batch (micro-batched when grad_accum_steps > 1)."""
+        """One AdamW update on the global batch (micro-batched when grad_accum_steps > 1).
+
+        The loss is the mean over all masked tokens of the global batch: each micro-batch's
+        summed loss is divided by the global masked count (known before the scan) and the
+        gradients are summed, so k micro-batches give the update of one batch k times larger.
+        """
         rng = jax.random.fold_in(jax.random.PRNGKey(self.config.seed), state.step)
         tokens = self._image_tokens(batch, tokenizer_variables)
         ids, mask = self._inputs(jax.random.fold_in(rng, 0), tokens, batch["label"])
         dropout_rng = jax.random.fold_in(rng, 1)
         accum = self.training.grad_accum_steps
+        total_count = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
 
         def micro_loss(params, micro):
             micro_ids, micro_tokens, micro_mask, micro_rng = micro
@@ -134,7 +142,7 @@ class TransformerTrainer:
             loss_sum, correct, count = masked_token_loss(
                 logits, micro_tokens, micro_mask, self.training.label_smoothing
             )
-            return loss_sum / count, (loss_sum, correct, count)
+            return loss_sum / total_count, (loss_sum, correct, count)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         split = lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:])  # noqa: E731
@@ -158,15 +166,14 @@ class TransformerTrainer:
         (grads, (loss_sum, correct, count)), _ = jax.lax.scan(
             accumulate, (zeros, stats0), micro_batches
         )
-        grads = jax.tree.map(lambda g: g / accum, grads)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema is not None:
             ema = optimizers.update_ema(ema, params, self.training.ema_decay)
         metrics = {
-            "loss": loss_sum / count,
-            "masked_accuracy": correct / count,
+            "loss": loss_sum / total_count,
+            "masked_accuracy": correct / total_count,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": optimizers.learning_rate_schedule(self.training)(state.step),
             "masked_fraction": count / mask.size,
@@ -196,28 +203,34 @@ class TransformerTrainer:
 
 
 def _load_tokenizer(config: ml_collections.ConfigDict) -> Any:
-    path = config.training.tokenizer_checkpoint
-    if not path:
-        raise ValueError(
-            "training.tokenizer_checkpoint is empty: the transformer stage needs a trained "
-            "tokenizer (a pretrained directory, or the workdir of a tokenizer-stage run)."
-        )
-    path = epath.Path(path)
-    if (path / "pretrained").exists():
-        path = path / "pretrained"
-    if not (path / "tokenizer").exists():
-        raise FileNotFoundError(
-            f"training.tokenizer_checkpoint={config.training.tokenizer_checkpoint}: no tokenizer "
-            f"found (expected {path / 'tokenizer'} or a workdir holding pretrained/tokenizer)."
-        )
+    """The frozen tokenizer's variables on the host, from `_tokenizer_source(config)`."""
+    path = _tokenizer_source(config)
     loaded = pretrained.load_pretrained(path, config, parts=("tokenizer",))
     return jax.device_get(loaded.tokenizer_variables)
+
+
+def _tokenizer_source(config: ml_collections.ConfigDict) -> epath.Path:
+    """The tokenizer's pretrained directory: training.tokenizer_checkpoint, else pretokenized's.
+
+    With only training.pretokenized_dir, it is the tokenizer the tokens were made with, which
+    sample grids and the exported pretrained directory need.
+    """
+    given = config.training.tokenizer_checkpoint
+    if given:
+        return pretrained.find_pretrained(given, "tokenizer", "training.tokenizer_checkpoint")
+    if config.training.pretokenized_dir:
+        return pretokenized.tokenizer_dir(config.training.pretokenized_dir)
+    raise ValueError(
+        "training.tokenizer_checkpoint is empty: the transformer stage needs a trained "
+        "tokenizer (a pretrained directory, or the workdir of a tokenizer-stage run), or "
+        "training.pretokenized_dir written by maskgit_jax.pretokenize (which holds one)."
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains the transformer stage in `workdir` (resuming), with eval, samples and export."""
     config_lib.validate(config)
-    workdir = epath.Path(workdir)
+    workdir = paths.absolute(workdir)
     sample_quality = None
     if in_training.enabled(config):
         # Read once, before anything is trained: a missing file stops the run here.
@@ -272,7 +285,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         )
 
     def on_sample(state, step, writer):
-        grid = sample_grid(config, sampler, tokenizer_variables, trainer.sample_params(state), step)
+        # Every process samples the same small grid on its own devices from a host copy of
+        # the parameters (gathered where they span processes); process 0 writes it.
+        params = multihost.host_copy(trainer.sample_params(state))
+        with multihost.local_context():
+            grid = sample_grid(config, sampler, tokenizer_variables, params, step)
         if jax.process_index() == 0:
             images_io.write_png(grid, workdir / "samples" / f"step_{step:08d}.png")
         writer.write_images(step, {"samples": grid[None]})
