@@ -286,7 +286,9 @@ cmd_train() {
   # The trainer's command line, as words for a bash array on the worker; EXTRA_ARGS is
   # split there into words on purpose, the other parts are quoted.
   local trainer arg
-  trainer="python -m maskgit_jax.main --config=$(printf %q "${CONFIG}")"
+  # --distributed=on: a TPU VM sets no variable that shows a multi-host job; JAX's
+  # GceTpuCluster finds the workers from the VM's metadata server.
+  trainer="python -m maskgit_jax.main --distributed=on --config=$(printf %q "${CONFIG}")"
   trainer+=" --workdir=$(printf %q "${WORKDIR}")"
   if [[ -n "${EXTRA_ARGS}" ]]; then trainer+=" ${EXTRA_ARGS}"; fi
   for arg in "${TRAINER_ARGS[@]+"${TRAINER_ARGS[@]}"}"; do trainer+=" $(printf %q "${arg}")"; done

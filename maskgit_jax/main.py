@@ -4,63 +4,126 @@ r"""Trains MaskGIT: the tokenizer stage, the transformer stage, or both in seque
 
 The config's `stage` picks `train_tokenizer` or `train_transformer` (or "both": the
 tokenizer in WORKDIR/tokenizer, then the transformer on it in WORKDIR/transformer).
+Multi-process jobs (SLURM, Open MPI, Cloud TPU slices, or an explicit coordinator) are
+joined before anything else runs; see `maskgit_jax.cluster` and `--distributed`.
 """
 
+import os
+
 import jax
+import ml_collections
 from absl import app, flags, logging
 from clu import platform
+from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import config_lib, train_tokenizer, train_transformer
+from maskgit_jax import cluster, config_lib, paths, train_loop, train_tokenizer, train_transformer
+from maskgit_jax.evaluation import in_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed",
+    "auto",
+    cluster.MODES,
+    "Join a multi-process JAX job: auto (when SLURM, Open MPI, GKE or a coordinator address "
+    "shows one), on (always; JAX detects the cluster, e.g. on Cloud TPU VMs), off.",
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (or JAX_COORDINATOR_ADDRESS)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the job, with --coordinator_address (JAX_NUM_PROCESSES)."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index, with --coordinator_address (JAX_PROCESS_ID)."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Where `stage=both` trains each stage, under the workdir.
+TOKENIZER_SUBDIR = "tokenizer"
+TRANSFORMER_SUBDIR = "transformer"
+_TRAININGS = {"tokenizer": "tokenizer_training", "transformer": "training"}
 
-def train_and_evaluate(config, workdir: str) -> None:
-    """Runs the stage(s) the config names."""
+
+def _stages(config: ml_collections.ConfigDict) -> dict[str, str]:
+    if config.stage == "both":
+        return _TRAININGS
+    return {config.stage: _TRAININGS[config.stage]}
+
+
+def _check_both(config: ml_collections.ConfigDict) -> None:
+    if config.training.pretokenized_dir:
+        raise ValueError(
+            "stage='both' trains the transformer on the tokenizer it has just trained, but "
+            f"training.pretokenized_dir={config.training.pretokenized_dir!r} holds tokens of "
+            "another tokenizer: clear it, or train stage='transformer' on those tokens."
+        )
+
+
+def _check_evaluation(config: ml_collections.ConfigDict) -> None:
+    """The in-training metrics' split over local devices, checked before any stage trains.
+
+    (A missing Inception file is reported by each stage before its first step.)
+    """
+    if not in_training.enabled(config):
+        return
+    settings = config_lib.evaluation_settings(config)
+    if settings.batch_size % jax.local_device_count():
+        raise ValueError(
+            f"evaluation.batch_size={settings.batch_size} must be a multiple of this "
+            f"process's {jax.local_device_count()} devices (the batch is split over them)."
+        )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
+    """Runs the stage(s) the config names, after checking every stage the run will train."""
     config_lib.validate(config)
+    workdir = paths.absolute(workdir)
+    if config.stage == "both":
+        _check_both(config)
+    _check_evaluation(config)
+    train_loop.preflight(config, _stages(config))
     if config.stage == "tokenizer":
         train_tokenizer.train_and_evaluate(config, workdir)
     elif config.stage == "transformer":
         train_transformer.train_and_evaluate(config, workdir)
     else:
-        tokenizer_dir = f"{workdir.rstrip('/')}/tokenizer"
-        train_tokenizer.train_and_evaluate(config, tokenizer_dir)
-        config = config.copy_and_resolve_references()
-        config.training.tokenizer_checkpoint = tokenizer_dir
-        train_transformer.train_and_evaluate(config, f"{workdir.rstrip('/')}/transformer")
+        _train_both(config, workdir)
+
+
+def _train_both(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
+    tokenizer_dir = workdir / TOKENIZER_SUBDIR
+    state = train_tokenizer.train_and_evaluate(config, tokenizer_dir)
+    done = int(jax.device_get(state.step))
+    if done < config.tokenizer_training.num_train_steps:
+        # Preempted: the tokenizer saved its step; the transformer needs the finished one.
+        logging.warning(
+            "tokenizer stage stopped at step %d of %d; rerun the same command to continue.",
+            done,
+            config.tokenizer_training.num_train_steps,
+        )
+        return
+    config = config.copy_and_resolve_references()
+    config.training.tokenizer_checkpoint = str(tokenizer_dir)
+    train_transformer.train_and_evaluate(config, workdir / TRANSFORMER_SUBDIR)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if _is_multiprocess_job():
-        jax.distributed.initialize()
-    logging.info(
-        "JAX process %d/%d; local devices %s; %d devices in all",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_devices(),
-        jax.device_count(),
+    decision = cluster.initialize(
+        os.environ,
+        _DISTRIBUTED.value,
+        coordinator_address=_COORDINATOR.value,
+        num_processes=_NUM_PROCESSES.value,
+        process_id=_PROCESS_ID.value,
     )
+    logging.info("%s; multi-process: %s.", cluster.describe(), decision.reason)
     platform.work_unit().set_task_status(
         f"process_index: {jax.process_index()}, process_count: {jax.process_count()}"
     )
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
-def _is_multiprocess_job() -> bool:
-    """True on a multi-host TPU slice or a multi-task SLURM job (JAX detects the rest)."""
-    import os
-
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        return True
-    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return True
-    hostnames = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hostnames
 
 
 if __name__ == "__main__":

@@ -125,7 +125,7 @@ def test_train_dry_run():
     assert line.startswith("+ gcloud compute tpus tpu-vm ssh maskgit-test ")
     assert "--worker=all" in line
     trainer = (
-        "TRAINER=(python -m maskgit_jax.main --config=configs/imagenet256.py "
+        "TRAINER=(python -m maskgit_jax.main --distributed=on --config=configs/imagenet256.py "
         "--workdir=gs://my-bucket/maskgit/run1 --config.training.batch_size=256 "
         "--config.dataset.data_dir=gs://my-bucket/tensorflow_datasets)"
     )
@@ -280,7 +280,7 @@ while true; do sleep 0.05; done
         logs = _tpu_pod("logs", **env)
         assert logs.returncode == 0, logs.stderr
         assert (
-            "trainer args: -m maskgit_jax.main --config=configs/imagenet256.py "
+            "trainer args: -m maskgit_jax.main --distributed=on --config=configs/imagenet256.py "
             "--workdir=gs://my-bucket/maskgit/run1 --config.training.batch_size=256"
         ) in logs.stdout
         stopped = _tpu_pod("stop", STOP_TIMEOUT="10", **env)
