@@ -4,19 +4,11 @@ PYTEST_DONT_REWRITE (imported by the test modules before pytest loads it as a pl
 
 The fixtures are session-scoped and loaded as a plugin (`pytest_plugins`) by both test files,
 so the tiny tokenizer and the reference transformer run are trained once per session.
-
-As a script it runs one process of a multi-process job on loopback and writes its per-step
-losses as JSON:
-
-  XLA_FLAGS=--xla_force_host_platform_device_count=4 python -m tests.training_support \
-      --port=PORT --process_id=I --data_dir=D --tokenizer_checkpoint=T --out=losses_I.json
+`write_config_file` writes a config file of `tiny_config` for `python -m maskgit_jax.main`.
 """
 
-import argparse
 import glob
-import json
 import os
-import sys
 
 import pytest
 
@@ -90,6 +82,16 @@ def reference_overrides(tokenizer_checkpoint: str, **overrides) -> dict:
         "logging.eval_every_steps": NUM_STEPS,
         **overrides,
     }
+
+
+def write_config_file(path, data_dir, overrides: dict) -> str:
+    """Writes a config file whose get_config() is `tiny_config(data_dir, **overrides)`."""
+    path.write_text(
+        "from tests.training_support import tiny_config\n\n\n"
+        "def get_config():\n"
+        f"    return tiny_config({str(data_dir)!r}, **{overrides!r})\n"
+    )
+    return str(path)
 
 
 def read_scalars(workdir, tag: str) -> dict[int, float]:
@@ -208,56 +210,3 @@ def one_device_losses(run_a):
     losses, setup, _ = train_steps(config, tokenizer, batches, devices=jax.devices()[:1])
     assert setup.mesh.devices.size == 1
     return losses
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-process driver.
-
-
-def main(argv=None) -> int:
-    """One process of a loopback multi-process run of the reference config's first steps."""
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--num_processes", type=int, default=2)
-    parser.add_argument("--process_id", type=int, required=True)
-    parser.add_argument("--data_dir", required=True)
-    parser.add_argument("--tokenizer_checkpoint", required=True)
-    parser.add_argument("--steps", type=int, default=NUM_COMPARED_STEPS)
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
-
-    import jax
-
-    jax.distributed.initialize(
-        f"127.0.0.1:{args.port}",
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        initialization_timeout=120,
-    )
-    from maskgit_jax import train_transformer
-
-    config = tiny_config(args.data_dir, **reference_overrides(args.tokenizer_checkpoint))
-    tokenizer = train_transformer._load_tokenizer(config)
-    batches = first_batches(config, args.steps)
-    losses, setup, state = train_steps(config, tokenizer, batches)
-    sharded = [x for x in jax.tree.leaves(state.params) if not x.sharding.is_fully_replicated]
-    result = {
-        "process_index": jax.process_index(),
-        "process_count": jax.process_count(),
-        "device_count": jax.device_count(),
-        "local_device_count": jax.local_device_count(),
-        "mesh_shape": dict(setup.mesh.shape),
-        "local_batch_size": int(batches[0]["image"].shape[0]),
-        "local_labels": [b["label"].tolist() for b in batches],
-        "losses": losses,
-        "sharded_param_leaves": len(sharded),
-    }
-    with open(args.out, "w") as f:
-        json.dump(result, f)
-    jax.distributed.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-    sys.exit(main())
