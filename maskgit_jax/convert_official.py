@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import official_checkpoint, paths, pretrained
+from maskgit_jax import official_checkpoint, pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Released tokenizer file (local or gs://).")
@@ -28,11 +28,11 @@ flags.mark_flags_as_required(["config", "tokenizer", "transformer", "output"])
 def convert(tokenizer_path: str, transformer_path: str, config, output: str) -> epath.Path:
     """Loads and checks both released files, then writes them in this project's format.
 
-    Returns the absolute output directory.
+    Returns the absolute output directory (`save_pretrained` makes a relative one absolute).
     """
     tokenizer = official_checkpoint.load_official_tokenizer(tokenizer_path, config)
     transformer = official_checkpoint.load_official_transformer(transformer_path, config)
-    return pretrained.save_pretrained(paths.absolute(output), config, tokenizer, transformer)
+    return pretrained.save_pretrained(output, config, tokenizer, transformer)
 
 
 def main(argv):

@@ -61,28 +61,16 @@ def _check_both(config: ml_collections.ConfigDict) -> None:
         )
 
 
-def _check_evaluation(config: ml_collections.ConfigDict) -> None:
-    """The in-training metrics' split over local devices, checked before any stage trains.
-
-    (A missing Inception file is reported by each stage before its first step.)
-    """
-    if not in_training.enabled(config):
-        return
-    settings = config_lib.evaluation_settings(config)
-    if settings.batch_size % jax.local_device_count():
-        raise ValueError(
-            f"evaluation.batch_size={settings.batch_size} must be a multiple of this "
-            f"process's {jax.local_device_count()} devices (the batch is split over them)."
-        )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
     """Runs the stage(s) the config names, after checking every stage the run will train."""
     config_lib.validate(config)
     workdir = paths.absolute(workdir)
     if config.stage == "both":
         _check_both(config)
-    _check_evaluation(config)
+    if in_training.enabled(config):
+        # The transformer stage's metrics check this too, but only after a stage=both
+        # tokenizer has trained.
+        in_training.check_batch_split(config, jax.local_device_count())
     train_loop.preflight(config, _stages(config))
     if config.stage == "tokenizer":
         train_tokenizer.train_and_evaluate(config, workdir)

@@ -35,7 +35,7 @@ def write(config: ml_collections.ConfigDict, output: str | epath.PathLike) -> in
     shard = output / f"shard_{jax.process_index()}.npz"
     if shard.exists():
         raise FileExistsError(f"{shard} exists; choose a new --output directory.")
-    source = _tokenizer_dir(config.training.tokenizer_checkpoint)
+    source = _checkpoint_tokenizer_dir(config.training.tokenizer_checkpoint)
     loaded = pretrained.load_pretrained(source, config, parts=("tokenizer",))
     tokenizer = build_tokenizer(config)
     encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method="encode"))
@@ -84,7 +84,7 @@ def write(config: ml_collections.ConfigDict, output: str | epath.PathLike) -> in
     return len(tokens_array)
 
 
-def _tokenizer_dir(path: str) -> epath.Path:
+def _checkpoint_tokenizer_dir(path: str) -> epath.Path:
     """The pretrained directory of training.tokenizer_checkpoint (or a workdir's export)."""
     if not path:
         raise ValueError(

@@ -224,8 +224,9 @@ def run(
     training, log_config = stage.training, config.logging
     workdir = paths.absolute(workdir)
     setup = setup or create_sharded_setup(config, stage)
+    checkpoint_dir = workdir / "checkpoints"
     manager = checkpoints.create_checkpoint_manager(
-        workdir / "checkpoints",
+        checkpoint_dir,
         save_every_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.max_to_keep,
         async_save=config.checkpoint.async_save,
@@ -240,7 +241,6 @@ def run(
         logging.info("%s: resumed from step %d.", stage.name, step)
     # The newest step known to be good: restored, or saved after passing the guards.
     last_good = None if restored is None else step
-    checkpoint_dir = workdir / "checkpoints"
     max_abs = config.checkpoint.get("max_abs_param", 0.0)
 
     if stage.batches is not None:

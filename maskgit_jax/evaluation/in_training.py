@@ -52,6 +52,16 @@ def due(config: ml_collections.ConfigDict, step: int) -> bool:
     return not every or step % every == 0
 
 
+def check_batch_split(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises if evaluation.batch_size cannot be split over this process's `num_devices`."""
+    batch_size = config_lib.evaluation_settings(config).batch_size
+    if batch_size % num_devices:
+        raise ValueError(
+            f"evaluation.batch_size={batch_size} must be a multiple of this process's "
+            f"{num_devices} devices (the batch is split over them)."
+        )
+
+
 class InceptionNetwork:
     """The FID Inception network on this process's devices: images -> {"pool_3", "logits"}.
 
@@ -226,11 +236,7 @@ class SampleQuality:
                 "`python -m maskgit_jax.evaluate --mode=reference ...`, or leave it empty to "
                 "compute the eval split's statistics during training."
             )
-        if self.settings.batch_size % self.mesh.size:
-            raise ValueError(
-                f"evaluation.batch_size={self.settings.batch_size} must be a multiple of this "
-                f"process's {self.mesh.size} devices (the batch is split over them)."
-            )
+        check_batch_split(config, self.mesh.size)
         self.labels = evaluate.process_labels(self.settings.num_samples, config.num_classes)
         if not len(self.labels):
             raise ValueError(
