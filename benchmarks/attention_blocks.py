@@ -15,9 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from maskgit_jax import config_lib, sampling
+from maskgit_jax import config_lib
 from maskgit_jax.models import build_transformer
 from maskgit_jax.models.transformer import multi_head_attention
+from maskgit_jax.sampling import sampler as sampling
 
 
 def _best_seconds(fn, *args, repeats=5):

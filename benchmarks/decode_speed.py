@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from maskgit_jax import ar_sampling, config_lib, sampling
+from maskgit_jax import config_lib
+from maskgit_jax.decoding import autoregressive as ar_sampling
 from maskgit_jax.models.autoregressive import build_autoregressive
+from maskgit_jax.sampling import sampler as sampling
 
 
 def _time(fn, repeats):

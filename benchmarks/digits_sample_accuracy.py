@@ -17,8 +17,9 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
-from maskgit_jax import pretrained, sampling
-from maskgit_jax.datasets.digits import NUM_TEST
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data.datasets.digits import NUM_TEST
+from maskgit_jax.sampling import sampler as sampling
 
 
 def to_digit_features(images: np.ndarray) -> np.ndarray:

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from maskgit_jax import config_lib, flops, sampling
+from maskgit_jax import config_lib
+from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.training import flops
 
 
 def _best_time(fn, repeats):

@@ -16,8 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgit_jax import config_lib, flops, train_loop, train_tokenizer
+from maskgit_jax import config_lib
 from maskgit_jax.models.perceptual import VGG16Features
+from maskgit_jax.training import flops
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import tokenizer as train_tokenizer
 
 
 def main():

@@ -22,7 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgit_jax import config_lib, flops, sharding, train_loop, train_transformer
+from maskgit_jax import config_lib, sharding
+from maskgit_jax.training import flops
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import transformer as train_transformer
 
 
 def _best_time(fn: Callable[[], object], repeats: int) -> float:

@@ -1,7 +1,7 @@
 """A small tokenizer on real photographs: bundled `photos` crops, evaluated on unseen photos.
 
 Trains only the tokenizer stage on 32x32 random crops of scikit-image's and scikit-learn's
-bundled photographs (maskgit_jax.datasets.photos, config `32px`) and evaluates its
+bundled photographs (maskgit_jax.data.datasets.photos, config `32px`) and evaluates its
 reconstructions on crops of other photographs (the test split), which training never sees.
 
 Sized for a 2-core CPU: 1600 reconstruction-only steps at about 1.9 steps/s (15 minutes),

@@ -40,7 +40,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskgit_jax import config_lib, flops, sharding, train_loop
+from maskgit_jax import config_lib, sharding
+from maskgit_jax.training import flops
+from maskgit_jax.training import loop as train_loop
 
 GIB = 2**30
 LIBTPU_REQUIREMENT = "libtpu==0.0.42.*"
@@ -234,7 +236,8 @@ def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: boo
     logits only, as the step computes), or None for the tokenizer.
     """
     if stage == "transformer":
-        from maskgit_jax import official_checkpoint, train_transformer
+        from maskgit_jax.checkpoints import official as official_checkpoint
+        from maskgit_jax.training import transformer as train_transformer
 
         constants = None if pretokenized else official_checkpoint.abstract_tokenizer_params(config)
         trainer = train_transformer.TransformerTrainer(config, constants)
@@ -250,8 +253,8 @@ def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: boo
         )
         return built, 3 * forward
     if stage == "tokenizer":
-        from maskgit_jax import train_tokenizer
         from maskgit_jax.models.perceptual import abstract_vgg16_params
+        from maskgit_jax.training import tokenizer as train_tokenizer
 
         trainer = train_tokenizer.TokenizerTrainer(config)
         built = train_loop.Stage(

@@ -14,7 +14,8 @@ TOKENIZER_DOWNSAMPLE = 16
 def base_config() -> ml_collections.ConfigDict:
     """Returns the ImageNet 256x256 configuration of the paper and released models."""
     # Imported here so that building models (which uses the helpers below) needs no TF.
-    from maskgit_jax import input_pipeline, sharding
+    from maskgit_jax import sharding
+    from maskgit_jax.data import input_pipeline
 
     c = ml_collections.ConfigDict()
     # Which stage `main` trains: "tokenizer" (VQGAN) or "transformer" (MaskGIT MVTM).

@@ -14,7 +14,8 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import official_checkpoint, pretrained
+from maskgit_jax.checkpoints import official as official_checkpoint
+from maskgit_jax.checkpoints import pretrained
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.", lock_config=True)
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "Released tokenizer file (local or gs://).")

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from etils import epath
 
-from maskgit_jax import official_checkpoint
+from maskgit_jax.checkpoints import official as official_checkpoint
 from maskgit_jax.models import perceptual
 
 HOW_TO_GET_WEIGHTS = (

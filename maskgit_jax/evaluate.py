@@ -27,8 +27,10 @@ from absl import app, flags, logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from maskgit_jax import multihost, pretrained, sampling
+from maskgit_jax import multihost
+from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.evaluation import inception, metrics, rejection
+from maskgit_jax.sampling import sampler as sampling
 
 FLAGS = flags.FLAGS
 

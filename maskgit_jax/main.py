@@ -17,8 +17,11 @@ from clu import platform
 from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import cluster, config_lib, paths, train_loop, train_tokenizer, train_transformer
+from maskgit_jax import cluster, config_lib, paths
 from maskgit_jax.evaluation import in_training
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import tokenizer as train_tokenizer
+from maskgit_jax.training import transformer as train_transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and samples go.")

@@ -12,7 +12,8 @@ alone is enough to train the transformer.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maskgit_jax import paths, pretokenized
+from maskgit_jax import paths
+from maskgit_jax.data import pretokenized
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the token shards to.")

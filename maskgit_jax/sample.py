@@ -17,7 +17,9 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from maskgit_jax import images_io, paths, pipeline
+from maskgit_jax import paths
+from maskgit_jax.data import images_io
+from maskgit_jax.sampling import pipeline
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretrained directory (local or gs://).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the PNG files and grid.png.")

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskgit_jax import ar_sampling
+from maskgit_jax.decoding import autoregressive as ar_sampling
 from maskgit_jax.models.autoregressive import CausalTransformer
 
 CODEBOOK_SIZE = 16

@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 from flax import struct  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
-from maskgit_jax import checkpoints, sharding  # noqa: E402
+from maskgit_jax import sharding  # noqa: E402
+from maskgit_jax.checkpoints import manager as checkpoints
 
 pytestmark = pytest.mark.skipif(
     jax.device_count() < 8, reason="needs 8 devices (XLA_FLAGS was set before jax started)"
@@ -151,7 +152,7 @@ def test_restore_8_devices_in_a_1_device_process(tmp_path):
         f"""
         import jax, numpy as np
         from tests.test_checkpoints import _make_state, _mesh
-        from maskgit_jax import checkpoints
+        from maskgit_jax.checkpoints import manager as checkpoints
         assert jax.device_count() == 1
         _, target = _make_state(_mesh((1, 1, 1)))
         manager = checkpoints.create_checkpoint_manager(

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy.stats import chi2_contingency
 
-from maskgit_jax import decoding, mask_schedule
+from maskgit_jax.decoding import core as decoding
+from maskgit_jax.decoding import mask_schedule
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/reference/fixtures"
 TOY_FILE = FIXTURES / "official_decode_toy_gen.npz"

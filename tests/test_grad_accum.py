@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from maskgit_jax import input_pipeline, sharding, train_loop, train_transformer
+from maskgit_jax import sharding
+from maskgit_jax.data import input_pipeline
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import transformer as train_transformer
 from tests.training_support import tiny_config
 
 NUM_STEPS = 3

@@ -9,8 +9,8 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, PartitionSpec
 
-from maskgit_jax import input_pipeline as ip
-from maskgit_jax.datasets import digits
+from maskgit_jax.data import input_pipeline as ip
+from maskgit_jax.data.datasets import digits
 
 
 @pytest.fixture(scope="module")

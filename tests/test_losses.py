@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from maskgit_jax import losses
 from maskgit_jax.models import discriminator as disc
+from maskgit_jax.training import losses
 
 BIG = 30.0
 

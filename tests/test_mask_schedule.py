@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskgit_jax import mask_schedule
+from maskgit_jax.decoding import mask_schedule
 
 N = 256
 ALL = list(mask_schedule.SCHEDULES) + ["pow0.5", "pow2.5"]

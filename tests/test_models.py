@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
-from maskgit_jax import config_lib, official_checkpoint
+from maskgit_jax import config_lib
+from maskgit_jax.checkpoints import official as official_checkpoint
 from maskgit_jax.models import MaskedTransformer, VQGANTokenizer, build_transformer
 from tests import helpers
 

@@ -21,7 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskgit_jax import images_io, main, pretrained, sampling, train_transformer
+from maskgit_jax import main
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data import images_io
+from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.training import transformer as train_transformer
 from tests.conftest import REPO_ROOT
 from tests.inception_graph import write_graph
 from tests.training_support import read_scalars, tiny_config, write_config_file

@@ -10,9 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from maskgit_jax import checkpoints, official_checkpoint, pretrained
+from maskgit_jax.checkpoints import manager as checkpoints
+from maskgit_jax.checkpoints import official as official_checkpoint
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.checkpoints.official import CheckpointMismatchError
 from maskgit_jax.models import build_tokenizer, build_transformer
-from maskgit_jax.official_checkpoint import CheckpointMismatchError
 from tests.conftest import REPO_ROOT
 
 # The tiny config, as the source of a config file: the subprocess test writes it to disk for

@@ -20,7 +20,11 @@ from absl import flags
 from etils import epath
 from ml_collections import config_flags
 
-from maskgit_jax import official_checkpoint, paths, pretokenized, pretrained, train_transformer
+from maskgit_jax import paths
+from maskgit_jax.checkpoints import official as official_checkpoint
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data import pretokenized
+from maskgit_jax.training import transformer as train_transformer
 from tests.conftest import REPO_ROOT
 from tests.helpers import load_config_file
 from tests.test_official_checkpoint import TINY_CONFIG_SOURCE, tiny_config

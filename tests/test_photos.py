@@ -8,9 +8,10 @@ import pytest
 import tensorflow_datasets as tfds
 from skimage.metrics import structural_similarity
 
-from maskgit_jax import config_lib, input_pipeline
-from maskgit_jax.datasets import photos
-from maskgit_jax.reconstruction_metrics import codebook_usage, psnr, ssim
+from maskgit_jax import config_lib
+from maskgit_jax.data import input_pipeline
+from maskgit_jax.data.datasets import photos
+from maskgit_jax.evaluation.reconstruction_metrics import codebook_usage, psnr, ssim
 from tests.conftest import REPO_ROOT
 
 

@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec
 from PIL import Image
 
-from maskgit_jax import pipeline, pretrained, sample
+from maskgit_jax import sample
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.sampling import pipeline
 from tests.conftest import REPO_ROOT
 from tests.test_official_checkpoint import tiny_config
 

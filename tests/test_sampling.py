@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from maskgit_jax import sampling
+from maskgit_jax.sampling import sampler as sampling
 from tests.test_official_checkpoint import random_variables, tiny_config
 
 # Every call below uses these shapes and static options, so the module compiles the decoder

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maskgit_jax import config_lib, train_tokenizer
+from maskgit_jax import config_lib
+from maskgit_jax.training import tokenizer as train_tokenizer
 from tests.helpers import load_config_file
 
 

@@ -24,17 +24,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskgit_jax import (
-    checkpoints,
-    config_lib,
-    main,
-    masking,
-    pretrained,
-    sharding,
-    train_loop,
-    train_tokenizer,
-    train_transformer,
-)
+from maskgit_jax import config_lib, main, sharding
+from maskgit_jax.checkpoints import manager as checkpoints
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import masking
+from maskgit_jax.training import tokenizer as train_tokenizer
+from maskgit_jax.training import transformer as train_transformer
 from tests.conftest import REPO_ROOT
 from tests.training_support import (
     NUM_COMPARED_STEPS,

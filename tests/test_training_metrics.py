@@ -15,16 +15,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maskgit_jax import (
-    config_lib,
-    evaluate,
-    official_checkpoint,
-    pretrained,
-    train_loop,
-    train_tokenizer,
-    train_transformer,
-)
+from maskgit_jax import config_lib, evaluate
+from maskgit_jax.checkpoints import official as official_checkpoint
+from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.evaluation import in_training, metrics
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import tokenizer as train_tokenizer
+from maskgit_jax.training import transformer as train_transformer
 from tests.inception_graph import write_graph
 from tests.training_support import tiny_config
 

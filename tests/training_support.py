@@ -114,7 +114,7 @@ def read_scalars(workdir, tag: str) -> dict[int, float]:
 
 def first_batches(config, num_batches: int):
     """This process's first train batches of the config's input pipeline (from step 0)."""
-    from maskgit_jax import input_pipeline
+    from maskgit_jax.data import input_pipeline
 
     train_iter, _, _ = input_pipeline.create_datasets(
         config.dataset,
@@ -134,7 +134,10 @@ def train_steps(config, tokenizer_variables, batches, devices=None):
     """
     import numpy as np
 
-    from maskgit_jax import input_pipeline, sharding, train_loop, train_transformer
+    from maskgit_jax import sharding
+    from maskgit_jax.data import input_pipeline
+    from maskgit_jax.training import loop as train_loop
+    from maskgit_jax.training import transformer as train_transformer
 
     trainer = train_transformer.TransformerTrainer(config, tokenizer_variables)
     stage = train_loop.Stage(
@@ -167,7 +170,7 @@ def data_dir(tmp_path_factory):
     """A TFDS data dir with the bundled digits prepared once (offline, from scikit-learn)."""
     import tensorflow_datasets as tfds
 
-    import maskgit_jax.datasets  # noqa: F401  Registers the digits builder.
+    import maskgit_jax.data.datasets  # noqa: F401  Registers the digits builder.
 
     directory = tmp_path_factory.mktemp("tfds")
     tfds.builder("digits", data_dir=str(directory)).download_and_prepare()
@@ -177,7 +180,7 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokenizer_workdir(tmp_path_factory, data_dir):
     """A tokenizer-stage workdir after a few steps of `train_tokenizer.train_and_evaluate`."""
-    from maskgit_jax import train_tokenizer
+    from maskgit_jax.training import tokenizer as train_tokenizer
 
     workdir = tmp_path_factory.mktemp("tokenizer")
     config = tiny_config(data_dir, stage="tokenizer", **{"logging.eval_every_steps": 8})
@@ -188,7 +191,7 @@ def tokenizer_workdir(tmp_path_factory, data_dir):
 @pytest.fixture(scope="session")
 def run_a(tmp_path_factory, data_dir, tokenizer_workdir):
     """The reference transformer run, uninterrupted: (config, workdir, final state)."""
-    from maskgit_jax import train_transformer
+    from maskgit_jax.training import transformer as train_transformer
 
     workdir = tmp_path_factory.mktemp("run_a")
     config = tiny_config(data_dir, **reference_overrides(tokenizer_workdir))
@@ -201,7 +204,7 @@ def one_device_losses(run_a):
     """The reference run's first NUM_COMPARED_STEPS losses, recomputed on one device."""
     import jax
 
-    from maskgit_jax import train_transformer
+    from maskgit_jax.training import transformer as train_transformer
 
     config = run_a[0].copy_and_resolve_references()
     config.mesh.shape = (1, 1, 1)

@@ -32,8 +32,9 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from maskgit_jax import config_lib, evaluate, multihost, sampling
+from maskgit_jax import config_lib, evaluate, multihost
 from maskgit_jax.evaluation import inception, metrics
+from maskgit_jax.sampling import sampler as sampling
 
 # Reference statistics computed during training, in the stage's workdir.
 REFERENCE_FILE = "fid_reference.npz"

@@ -25,7 +25,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from maskgit_jax import multihost, official_checkpoint, paths
+from maskgit_jax import multihost, paths
+from maskgit_jax.checkpoints import official as official_checkpoint
 
 CONFIG_FILE = "config.json"
 PARTS = ("tokenizer", "transformer")

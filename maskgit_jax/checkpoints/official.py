@@ -15,7 +15,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import checkpoints, config_lib, sharding
+from maskgit_jax import config_lib, sharding
+from maskgit_jax.checkpoints import manager as checkpoints
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 

@@ -18,7 +18,9 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from maskgit_jax import checkpoints, input_pipeline, paths, sharding
+from maskgit_jax import paths, sharding
+from maskgit_jax.checkpoints import manager as checkpoints
+from maskgit_jax.data import input_pipeline
 
 PyTree = Any
 StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str, jax.Array]]]

@@ -19,23 +19,15 @@ import numpy as np
 import optax
 from absl import logging
 
-from maskgit_jax import (
-    config_lib,
-    convert_perceptual,
-    images_io,
-    input_pipeline,
-    losses,
-    multihost,
-    optimizers,
-    paths,
-    pretrained,
-    reconstruction_metrics,
-    train_loop,
-)
-from maskgit_jax.evaluation import in_training
+from maskgit_jax import config_lib, convert_perceptual, multihost, paths
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data import images_io, input_pipeline
+from maskgit_jax.evaluation import in_training, reconstruction_metrics
 from maskgit_jax.models import build_tokenizer
 from maskgit_jax.models.discriminator import StyleGANDiscriminator
 from maskgit_jax.models.perceptual import perceptual_loss, vgg16_features_fn
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import losses, optimizers
 
 
 @flax.struct.dataclass

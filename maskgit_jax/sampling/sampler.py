@@ -12,7 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from maskgit_jax import config_lib, decoding, mask_schedule, validation
+from maskgit_jax import config_lib, validation
+from maskgit_jax.decoding import core as decoding
+from maskgit_jax.decoding import mask_schedule
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 Array = jax.Array

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maskgit_jax import mask_schedule
+from maskgit_jax.decoding import mask_schedule
 
 TokensToLogits = Callable[[Any, jnp.ndarray], jnp.ndarray]
 

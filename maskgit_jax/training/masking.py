@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from maskgit_jax import mask_schedule
+from maskgit_jax.decoding import mask_schedule
 
 Array = jax.Array
 

@@ -17,21 +17,14 @@ import optax
 from absl import logging
 from etils import epath
 
-from maskgit_jax import (
-    config_lib,
-    images_io,
-    input_pipeline,
-    masking,
-    multihost,
-    optimizers,
-    paths,
-    pretokenized,
-    pretrained,
-    sampling,
-    train_loop,
-)
+from maskgit_jax import config_lib, multihost, paths
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data import images_io, input_pipeline, pretokenized
 from maskgit_jax.evaluation import in_training
 from maskgit_jax.models import build_tokenizer, build_transformer
+from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.training import loop as train_loop
+from maskgit_jax.training import masking, optimizers
 
 
 @flax.struct.dataclass

@@ -37,15 +37,11 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maskgit_jax import (
-    config_lib,
-    decoding,
-    mask_schedule,
-    official_checkpoint,
-    pretrained,
-    sharding,
-    validation,
-)
+from maskgit_jax import config_lib, sharding, validation
+from maskgit_jax.checkpoints import official as official_checkpoint
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.decoding import core as decoding
+from maskgit_jax.decoding import mask_schedule
 from maskgit_jax.models import build_tokenizer, build_transformer
 
 ORDERINGS = ("confidence", "halton")

@@ -18,7 +18,9 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import config_lib, input_pipeline, paths, pretrained
+from maskgit_jax import config_lib, paths
+from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.data import input_pipeline
 from maskgit_jax.models import build_tokenizer
 
 INFO_FILE = "info.json"

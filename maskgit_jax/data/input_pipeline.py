@@ -39,7 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-import maskgit_jax.datasets  # noqa: F401  Registers the local `digits` builder with tfds.
+import maskgit_jax.data.datasets  # noqa: F401  Registers the local `digits` builder with tfds.
 
 # Files the imagenet2012 builder needs in its manual directory.
 IMAGENET_TRAIN_TAR = "ILSVRC2012_img_train.tar"

@@ -1,0 +1,1 @@
+"""Checkpoints: the Orbax manager, the pretrained format, the authors' msgpack files."""

@@ -1,0 +1,1 @@
+"""Input data: tfds pipelines, pre-tokenized sets, local dataset builders, image files."""

@@ -1,0 +1,1 @@
+"""The host-facing sampler: generation, editing, batching over devices."""

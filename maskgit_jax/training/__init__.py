@@ -1,0 +1,1 @@
+"""Training: the loop, each stage's trainer, losses, masking, optimizers, FLOP counts."""
