@@ -2,9 +2,9 @@
 
 Both transformers have the imagenet256 sizes (hidden 768, 16 heads, MLP 3072, 24 layers
 unless --layers/--small reduce both) and random weights, and produce the same 16x16 grid of
-256 tokens per image for a class label: MaskGIT in T full-sequence passes
-(`MaskGITSampler.generate_tokens`), the causal transformer in 256 sequential one-token passes
-(`ar_sampling.ar_generate`, one jitted loop). Prints images/s of each and their ratio; each
+256 tokens per image for a class label: MaskGIT in T full-sequence passes (the one sampler,
+`MaskGITPipeline.generate_tokens`), the causal transformer in 256 sequential one-token
+passes (`ar_sampling.ar_generate`, one jitted loop). Prints images/s of each and their ratio; each
 timing is the best of --repeats calls after a compiling warm-up call.
 
   python benchmarks/decode_speed.py [--batch 8] [--steps 8 12 16] [--layers N | --small]
@@ -21,7 +21,7 @@ from flax import linen as nn
 from maskgit_jax import config_lib
 from maskgit_jax.decoding import autoregressive as ar_sampling
 from maskgit_jax.models.autoregressive import build_autoregressive
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 
 
 def _time(fn, repeats):
@@ -60,10 +60,12 @@ def main():
         f"{t.num_layers} layers, {t.num_heads} heads, MLP {t.mlp_dim}, {args.dtype}"
     )
 
-    sampler = sampling.MaskGITSampler(config, dtype=dtype)
+    pipe = MaskGITPipeline.with_random_weights(config, max_batch_size=max(args.batch))
     ar_model = build_autoregressive(config, dtype=dtype)
     ids = jnp.zeros((1, config_lib.sequence_length(config)), jnp.int32)
-    mask_vars = nn.unbox(jax.jit(sampler.transformer.init)(jax.random.PRNGKey(0), ids))
+    pipe.set_variables(
+        transformer_variables=nn.unbox(jax.jit(pipe.transformer.init)(jax.random.PRNGKey(0), ids))
+    )
     ar_vars = nn.unbox(jax.jit(ar_model.init)(jax.random.PRNGKey(1), ids))
 
     for batch in args.batch:
@@ -83,9 +85,9 @@ def main():
         for steps in args.steps:
 
             def run_maskgit(labels=labels, steps=steps):
-                return sampler.generate_tokens(
-                    mask_vars, labels, jax.random.PRNGKey(2), num_steps=steps
-                ).block_until_ready()
+                return pipe.generate_tokens(
+                    labels, jax.random.PRNGKey(2), num_steps=steps, dtype=args.dtype
+                )
 
             seconds, first = _time(run_maskgit, args.repeats)
             rate = batch / seconds

@@ -17,9 +17,8 @@ import numpy as np
 from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
-from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.data.datasets.digits import NUM_TEST
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 
 
 def to_digit_features(images: np.ndarray) -> np.ndarray:
@@ -46,21 +45,14 @@ def main():
     real_accuracy = float(np.mean(classifier.predict(test_x) == test_y))
     print(f"classifier accuracy on the {NUM_TEST} held-out real digits: {100 * real_accuracy:.1f}%")
 
-    model = pretrained.load_pretrained(args.pretrained)
-    sampler = sampling.MaskGITSampler(model.config)
-    labels = np.repeat(np.arange(model.config.num_classes), args.samples_per_class)
-    images = sampler.generate(
-        model.tokenizer_variables,
-        model.transformer_variables,
-        labels,
-        jax.random.PRNGKey(args.seed),
-        num_steps=args.num_steps,
-    )
+    pipe = MaskGITPipeline.from_pretrained(args.pretrained)
+    labels = np.repeat(np.arange(pipe.config.num_classes), args.samples_per_class)
+    images = pipe.generate(labels, jax.random.PRNGKey(args.seed), num_steps=args.num_steps)
     predicted = classifier.predict(to_digit_features(images))
     accuracy = float(np.mean(predicted == labels))
     print(
         f"class-conditional accuracy of {len(labels)} samples "
-        f"(T={args.num_steps or model.config.sampling.num_steps}): {100 * accuracy:.1f}%"
+        f"(T={args.num_steps or pipe.config.sampling.num_steps}): {100 * accuracy:.1f}%"
     )
     per_class = [float(np.mean(predicted[labels == c] == c)) for c in range(10)]
     print("per class: " + " ".join(f"{c}:{100 * a:.0f}%" for c, a in enumerate(per_class)))

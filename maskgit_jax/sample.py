@@ -17,9 +17,10 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from maskgit_jax import paths
+from maskgit_jax import paths, validation
 from maskgit_jax.data import images_io
-from maskgit_jax.sampling import pipeline
+from maskgit_jax.decoding.options import DTYPES, ORDERINGS
+from maskgit_jax.sampling import editing, pipeline
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Pretrained directory (local or gs://).")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory for the PNG files and grid.png.")
@@ -29,18 +30,21 @@ _NUM_PER_CLASS = flags.DEFINE_integer("num_per_class", None, "Images per class."
 _NUM_STEPS = flags.DEFINE_integer(
     "num_steps", None, "Decoding steps (default: the config's; 12 when editing)."
 )
-_START_STEP = flags.DEFINE_integer("start_step", pipeline.EDIT_START_STEP, "Editing start step.")
+_START_STEP = flags.DEFINE_integer(
+    "start_step", None, f"First decoding step (default 0; {editing.EDIT_START_STEP} when editing)."
+)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Images per decoding batch.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _SCHEDULE = flags.DEFINE_string("schedule", None, "Mask schedule (default: the config's).")
 _CHOICE_TEMPERATURE = flags.DEFINE_float("choice_temperature", None, "Re-masking temperature.")
 _TEMPERATURE = flags.DEFINE_float("temperature", None, "Softmax temperature of sampling.")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes.")
-_GUIDANCE = flags.DEFINE_float("guidance_scale", 0.0, "Classifier-free guidance scale.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
 _FORCE_GUIDANCE = flags.DEFINE_bool(
     "force_guidance", False, "Guide although the config reports no label dropout."
 )
-_ORDERING = flags.DEFINE_enum("ordering", "confidence", pipeline.ORDERINGS, "Reveal order.")
+_ORDERING = flags.DEFINE_enum("ordering", None, ORDERINGS, "Reveal order (default: config's).")
+_DTYPE = flags.DEFINE_enum("dtype", None, DTYPES, "Transformer compute dtype (default: config's).")
 _MODE = flags.DEFINE_enum(
     "mode", "generate", ["generate", "inpaint", "outpaint", "edit"], "What to do."
 )
@@ -99,25 +103,65 @@ def _progress(batches: Sequence, description: str) -> Iterable:
     return tqdm(batches, desc=description, unit="batch")
 
 
-def _edit_batch(pipe: pipeline.MaskGITPipeline, image: np.ndarray, labels, rng, options):
-    """One batch of edits of `image`, one per label, in the mode --mode names."""
-    batch = np.broadcast_to(image, (len(labels),) + image.shape)
-    num_steps = _NUM_STEPS.value or pipeline.EDIT_NUM_STEPS
-    common = dict(num_steps=num_steps, start_step=_START_STEP.value, **options)
+def _decode_options(pipe: pipeline.MaskGITPipeline, editing_mode: bool):
+    """The flags' decoding options, checked now: before any file or folder is written."""
+    steps, start = _NUM_STEPS.value, _START_STEP.value
+    if editing_mode:
+        steps = editing.EDIT_NUM_STEPS if steps is None else steps
+        start = editing.EDIT_START_STEP if start is None else start
+    try:
+        return pipe.options(
+            num_steps=steps,
+            start_step=start,
+            schedule=_SCHEDULE.value,
+            choice_temperature=_CHOICE_TEMPERATURE.value,
+            temperature=_TEMPERATURE.value,
+            top_k=_TOP_K.value,
+            guidance_scale=_GUIDANCE.value,
+            ordering=_ORDERING.value,
+            dtype=_DTYPE.value,
+            force_guidance=_FORCE_GUIDANCE.value,
+        )
+    except ValueError as error:
+        raise app.UsageError(f"bad decoding option: {error}") from error
+
+
+def _edit_request(image_size: tuple[int, int]) -> dict:
+    """The editing flags of --mode, checked and read (the mask image, box or extents)."""
     mode = _MODE.value
     if mode == "inpaint":
         if not _MASK.value:
             raise app.UsageError("--mode=inpaint needs --mask=PNG.")
         mask = images_io.read_image(_MASK.value).mean(axis=-1) > 0.5
-        return pipe.inpaint(batch, mask, labels, rng, **common)
+        if mask.shape != image_size:
+            raise app.UsageError(
+                f"--mask is {mask.shape[0]}x{mask.shape[1]} but --image is "
+                f"{image_size[0]}x{image_size[1]}."
+            )
+        return {"mask": mask}
     if mode == "edit":
         if not _BOX.value or len(_BOX.value) != 4:
             raise app.UsageError("--mode=edit needs --box=x0,y0,x1,y1.")
-        box = [float(v) for v in _BOX.value]
-        return pipe.edit(batch, box, labels, rng, **common)
+        try:
+            return {"box": [float(v) for v in _BOX.value]}
+        except ValueError as error:
+            raise app.UsageError(f"--box must be four numbers: {error}") from error
     if not _EXTEND.value or len(_EXTEND.value) != 4:
         raise app.UsageError("--mode=outpaint needs --extend=left,right,top,bottom.")
-    left, right, top, bottom = _ints(_EXTEND.value, "extend")
+    return {"extend": _ints(_EXTEND.value, "extend")}
+
+
+def _edit_batch(
+    pipe: pipeline.MaskGITPipeline, image: np.ndarray, labels, rng, options, request, start: int
+):
+    """One batch of edits of `image`, one per label, in the mode --mode names."""
+    batch = np.broadcast_to(image, (len(labels),) + image.shape)
+    common = dict(options=options, row_offset=start)
+    if "mask" in request:
+        return pipe.inpaint(batch, request["mask"], labels, rng, **common)
+    if "box" in request:
+        return pipe.edit(batch, request["box"], labels, rng, **common)
+    left, right, top, bottom = request["extend"]
     return pipe.outpaint(batch, left, right, top, bottom, label=labels, rng=rng, **common)
 
 
@@ -126,25 +170,26 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if _BATCH_SIZE.value < 1:
         raise app.UsageError("--batch_size must be >= 1.")
-    pipe = pipeline.MaskGITPipeline.from_pretrained(paths.absolute(_CHECKPOINT.value))
+    pipe = pipeline.MaskGITPipeline.from_pretrained(
+        paths.absolute(_CHECKPOINT.value), max_batch_size=_BATCH_SIZE.value
+    )
     labels, rows = requested_labels(
         _LABELS.value, _NUM_PER_CLASS.value, _CLASSES.value, pipe.config.num_classes
     )
-    options = dict(
-        schedule=_SCHEDULE.value,
-        choice_temperature=_CHOICE_TEMPERATURE.value,
-        temperature=_TEMPERATURE.value,
-        top_k=_TOP_K.value,
-        guidance_scale=_GUIDANCE.value,
-        ordering=_ORDERING.value,
-        force_guidance=_FORCE_GUIDANCE.value,
-    )
-    image = None
-    if _MODE.value != "generate":
+    try:
+        validation.check_labels(labels, pipe.config.num_classes)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    editing_mode = _MODE.value != "generate"
+    options = _decode_options(pipe, editing_mode)
+    image = request = None
+    if editing_mode:
         if not _IMAGE.value:
             raise app.UsageError(f"--mode={_MODE.value} needs --image=PATH.")
         image = images_io.read_image(_IMAGE.value)
+        request = _edit_request(image.shape[:2])
 
+    # Everything is checked: only now is --output created.
     output = paths.absolute(_OUTPUT.value)
     output.mkdir(parents=True, exist_ok=True)
     rng = jax.random.PRNGKey(_SEED.value)
@@ -152,13 +197,15 @@ def main(argv):
     batches = [labels[i : i + size] for i in range(0, len(labels), size)]
     results = []
     for index, batch in enumerate(_progress(batches, _MODE.value)):
-        batch_rng = jax.random.fold_in(rng, index)
+        start = index * size
         if image is None:
-            images = pipe.generate(batch, batch_rng, _NUM_STEPS.value, **options)
+            # One key for the whole run, rows numbered globally: the same images whatever
+            # --batch_size is, and the same as `pipe.generate(labels, rng)` in a notebook.
+            images = pipe.generate(batch, rng, options, row_offset=start)
         else:
-            images = _edit_batch(pipe, image, batch, batch_rng, options)
+            images = _edit_batch(pipe, image, batch, rng, options, request, start)
         for offset, (picture, label) in enumerate(zip(images, batch, strict=True)):
-            images_io.write_png(picture, output / f"{index * size + offset:05d}_class{label}.png")
+            images_io.write_png(picture, output / f"{start + offset:05d}_class{label}.png")
         results.append(images)
     grid = images_io.make_grid(np.concatenate(results), rows)
     images_io.write_png(grid, output / "grid.png")

@@ -7,7 +7,9 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from maskgit_jax.decoding import core as decoding
-from maskgit_jax.decoding import mask_schedule
+from maskgit_jax.decoding import mask_schedule, orders
+from maskgit_jax.decoding.logits import CodebookLogits
+from maskgit_jax.decoding.options import DecodeOptions
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared/reference/fixtures"
 TOY_FILE = FIXTURES / "official_decode_toy_gen.npz"
@@ -16,6 +18,30 @@ SETTING = "gen_T8_t4.5"
 # Family-wise false-alarm rate of the 31 homogeneity tests (Bonferroni): a faithful decoder
 # fails with probability about 1e-3, while the pitfalls below give p-values far under 1e-10.
 FAMILY_ALPHA = 1e-3
+
+
+def decode(
+    inputs,
+    rng,
+    tokens_to_logits,
+    params=None,
+    *,
+    mask_token_id,
+    order_score=None,
+    return_all_steps=False,
+    **option_fields,
+):
+    """`decoding.decode` with the option fields given as keywords (validated by DecodeOptions)."""
+    return decoding.decode(
+        inputs,
+        rng,
+        tokens_to_logits,
+        params,
+        mask_token_id=mask_token_id,
+        options=DecodeOptions(**option_fields),
+        order_score=order_score,
+        return_all_steps=return_all_steps,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,7 +90,7 @@ def run_toy(toy, key_seeds, batch, **overrides):
     kwargs.update(overrides)
     inputs = np.tile(toy["init"], (batch, 1))
     outs = [
-        np.asarray(decoding.decode(inputs, jax.random.PRNGKey(s), chain_toy, toy["base"], **kwargs))
+        np.asarray(decode(inputs, jax.random.PRNGKey(s), chain_toy, toy["base"], **kwargs))
         for s in key_seeds
     ]
     out = np.concatenate(outs)
@@ -184,11 +210,12 @@ def random_params(seed):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
-def test_known_kept_and_no_mask_left(seed, temperature):
+@pytest.mark.parametrize("ordering", ["confidence", "halton"])
+def test_known_kept_and_no_mask_left(seed, temperature, ordering):
     mask_id = -1
     inputs = editing_inputs(seed, 12, mask_id)
     out = np.asarray(
-        decoding.decode(
+        decode(
             inputs,
             jax.random.PRNGKey(seed),
             random_toy,
@@ -196,6 +223,8 @@ def test_known_kept_and_no_mask_left(seed, temperature):
             mask_token_id=mask_id,
             num_steps=6,
             temperature=temperature,
+            ordering=ordering,
+            order_score=HALTON_SCORE if ordering == "halton" else None,
         )
     )
     assert out.dtype == np.int32 and out.shape == inputs.shape
@@ -219,24 +248,47 @@ def expected_mask_counts(n0, num_steps, start_step, method):
     return counts
 
 
+class CountTransformer:
+    """Stands in for the transformer module in `CodebookLogits`: `count_toy` logits."""
+
+    dtype = jnp.float32
+
+    def apply(self, variables, ids, num_logits):
+        del variables
+        return count_toy(None, ids)[..., :num_logits]
+
+
+COUNT_LOGITS = {
+    (guided, top_k): CodebookLogits(CountTransformer(), LENGTH + 1, COUNT_MASK, top_k, guided)
+    for guided in (False, True)
+    for top_k in (None, 3)
+}
+HALTON_SCORE = orders.order_score(orders.halton_order(4, 4))
+
+
 @pytest.mark.parametrize(
     "method,num_steps,start_step",
     [("cosine", 8, 0), ("cosine", 12, 2), ("exp", 7, 1)],
 )
-def test_mask_counts_follow_schedule(method, num_steps, start_step):
+@pytest.mark.parametrize("ordering", ["confidence", "halton"])
+@pytest.mark.parametrize("guided,top_k", [(False, None), (True, 3)])
+def test_mask_counts_follow_schedule(method, num_steps, start_step, ordering, guided, top_k):
     inputs = editing_inputs(3, 10, COUNT_MASK)
     # Known tokens moved above every possible count so that they cannot be confused with one.
     inputs = np.where(inputs != COUNT_MASK, inputs + 100, inputs)
     n0 = np.sum(inputs == COUNT_MASK, axis=-1)
     assert len(set(n0.tolist())) >= 4  # Rows really differ.
-    final, steps = decoding.decode(
+    final, steps = decode(
         inputs,
         jax.random.PRNGKey(7),
-        count_toy,
+        COUNT_LOGITS[guided, top_k],
+        (None, jnp.float32(1.5)),
         mask_token_id=COUNT_MASK,
         num_steps=num_steps,
         start_step=start_step,
         schedule=method,
+        ordering=ordering,
+        order_score=HALTON_SCORE if ordering == "halton" else None,
         return_all_steps=True,
     )
     final, steps = np.asarray(final), np.asarray(steps)
@@ -255,13 +307,63 @@ def test_mask_counts_follow_schedule(method, num_steps, start_step):
     assert not np.any(final == COUNT_MASK)
 
 
+def test_halton_reveals_positions_in_its_order():
+    # Fully masked rows: after each step, the revealed positions are a prefix of the order.
+    inputs = np.full((3, LENGTH), -1, np.int32)
+    inputs[:, 0] = CLASS_ID
+    _, steps = decode(
+        inputs,
+        jax.random.PRNGKey(0),
+        random_toy,
+        random_params(0),
+        mask_token_id=-1,
+        num_steps=6,
+        ordering="halton",
+        order_score=HALTON_SCORE,
+        return_all_steps=True,
+    )
+    order = orders.halton_order(4, 4) + 1
+    n0 = np.full(3, LENGTH - 1)
+    counts = expected_mask_counts(n0, 6, 0, "cosine")
+    for t in range(5):
+        kept = LENGTH - 1 - counts[0, t + 1]  # Revealed after step t.
+        # Tokens sampled at step t+1 at the revealed positions equal step t's.
+        np.testing.assert_array_equal(
+            np.asarray(steps)[:, t + 1, order[:kept]], np.asarray(steps)[:, t, order[:kept]]
+        )
+
+
+def test_per_row_keys_make_rows_independent_of_the_batch():
+    inputs = editing_inputs(5, 6, -1)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(3), i))(jnp.arange(6))
+    whole = np.asarray(
+        decode(inputs, keys, random_toy, random_params(2), mask_token_id=-1, num_steps=5)
+    )
+    halves = [
+        np.asarray(
+            decode(
+                inputs[i : i + 3],
+                keys[i : i + 3],
+                random_toy,
+                random_params(2),
+                mask_token_id=-1,
+                num_steps=5,
+            )
+        )
+        for i in (0, 3)
+    ]
+    np.testing.assert_array_equal(whole, np.concatenate(halves))
+    with pytest.raises(ValueError, match="one per row"):
+        decode(inputs, keys[:5], random_toy, random_params(2), mask_token_id=-1, num_steps=5)
+
+
 def test_deterministic_given_key_and_key_matters():
     inputs = editing_inputs(0, 12, -1, known_fracs=(0.0,))
     params = random_params(0)
 
     def run(seed):
         return np.asarray(
-            decoding.decode(
+            decode(
                 inputs, jax.random.PRNGKey(seed), random_toy, params, mask_token_id=-1, num_steps=6
             )
         )
@@ -272,7 +374,7 @@ def test_deterministic_given_key_and_key_matters():
 
 def test_start_step_runs_remaining_steps():
     inputs = editing_inputs(4, 8, -1, known_fracs=(0.5,))
-    out, steps = decoding.decode(
+    out, steps = decode(
         inputs,
         jax.random.PRNGKey(0),
         random_toy,
@@ -308,10 +410,10 @@ def test_second_call_does_not_recompile():
     kwargs = dict(mask_token_id=-1, num_steps=5)
     a = editing_inputs(0, 6, -1)
     b = editing_inputs(1, 6, -1)
-    out_a = decoding.decode(a, jax.random.PRNGKey(0), COUNTER, random_params(0), **kwargs)
+    out_a = decode(a, jax.random.PRNGKey(0), COUNTER, random_params(0), **kwargs)
     traces, programs = COUNTER.traces, decoding.cache_size()
     assert traces == 1
-    out_b = decoding.decode(
+    out_b = decode(
         b,
         jax.random.PRNGKey(1),
         COUNTER,
@@ -339,6 +441,12 @@ def test_second_call_does_not_recompile():
         (None, dict(temperature=-1.0), "temperature"),
         (None, dict(choice_temperature=-1.0), "choice_temperature"),
         (None, dict(schedule="cosinus"), "valid: cosine"),
+        (None, dict(choice_temperature=float("nan")), "choice_temperature"),
+        (None, dict(ordering="raster"), "ordering"),
+        (None, dict(ordering="halton"), "needs an order_score"),
+        (None, dict(top_k=0), "top_k"),
+        (None, dict(guidance_scale=-1.0), "guidance_scale"),
+        (None, dict(dtype="float16"), "dtype"),
     ],
 )
 def test_invalid_arguments_raise_before_tracing(inputs, overrides, match):
@@ -349,6 +457,6 @@ def test_invalid_arguments_raise_before_tracing(inputs, overrides, match):
     kwargs.update(overrides)
     programs = decoding.cache_size()
     with pytest.raises(ValueError, match=match):
-        decoding.decode(inputs, jax.random.PRNGKey(0), counter, random_params(0), **kwargs)
+        decode(inputs, jax.random.PRNGKey(0), counter, random_params(0), **kwargs)
     assert counter.traces == 0
     assert decoding.cache_size() == programs

@@ -22,9 +22,8 @@ import pytest
 from PIL import Image
 
 from maskgit_jax import main
-from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.data import images_io
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from maskgit_jax.training import transformer as train_transformer
 from tests.conftest import REPO_ROOT
 from tests.inception_graph import write_graph
@@ -202,15 +201,8 @@ def _assert_transformer_hooks_fired(workdir, with_metrics=True):
 
 def _assert_export_samples_the_written_grid(workdir):
     """The 2-process export, loaded here (1 process), samples the grid they wrote last."""
-    model = pretrained.load_pretrained(workdir / "pretrained")
-    sampler = sampling.MaskGITSampler(model.config)
-    grid = train_transformer.sample_grid(
-        model.config,
-        sampler,
-        model.tokenizer_variables,
-        model.transformer_variables["params"],
-        TRANSFORMER_STEPS,
-    )
+    pipe = MaskGITPipeline.from_pretrained(workdir / "pretrained")
+    grid = train_transformer.sample_grid(pipe, TRANSFORMER_STEPS)
     written = np.asarray(
         Image.open(workdir / "samples" / f"step_{TRANSFORMER_STEPS:08d}.png").convert("RGB")
     )

@@ -12,7 +12,10 @@ from PIL import Image
 
 from maskgit_jax import sample
 from maskgit_jax.checkpoints import pretrained
-from maskgit_jax.sampling import pipeline
+from maskgit_jax.data import images_io
+from maskgit_jax.decoding import core, orders
+from maskgit_jax.decoding.options import DecodeOptions
+from maskgit_jax.sampling import editing, pipeline
 from tests.conftest import REPO_ROOT
 from tests.test_official_checkpoint import tiny_config
 
@@ -32,7 +35,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def first(pipe):
-    return pipe.generate_tokens(LABELS, jax.random.PRNGKey(0), NUM_STEPS)
+    return pipe.generate_tokens(LABELS, jax.random.PRNGKey(0), num_steps=NUM_STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +46,24 @@ def images(pipe, first):
 def test_generate_shapes_range_and_determinism(pipe, first):
     assert first.shape == (3, 4, 4) and first.dtype == np.int32
     assert first.min() >= 0 and first.max() < CODEBOOK and len(np.unique(first)) > 1
-    images = pipe.generate(LABELS, jax.random.PRNGKey(0), NUM_STEPS)
+    images = pipe.generate(LABELS, jax.random.PRNGKey(0), num_steps=NUM_STEPS)
     assert images.shape == (3, 8, 8, 3) and images.dtype == np.float32
     assert images.min() >= 0.0 and images.max() <= 1.0 and np.ptp(images) > 0.05
     np.testing.assert_array_equal(images, pipe.decode_tokens(first))
-    np.testing.assert_array_equal(pipe.generate_tokens(LABELS, jax.random.PRNGKey(0), 4), first)
-    assert np.any(pipe.generate_tokens(LABELS, jax.random.PRNGKey(1), NUM_STEPS) != first)
+    np.testing.assert_array_equal(
+        pipe.generate_tokens(LABELS, jax.random.PRNGKey(0), num_steps=4), first
+    )
+    assert np.any(pipe.generate_tokens(LABELS, jax.random.PRNGKey(1), num_steps=NUM_STEPS) != first)
     # A row does not depend on the batch size or padding (3 and 2 rows both pad to 8).
     np.testing.assert_array_equal(
-        pipe.generate_tokens(LABELS[:2], jax.random.PRNGKey(0), NUM_STEPS), first[:2]
+        pipe.generate_tokens(LABELS[:2], jax.random.PRNGKey(0), num_steps=NUM_STEPS), first[:2]
     )
 
 
 def test_top_k_1_is_greedy_and_ignores_the_sampling_key(pipe):
     greedy = [
         pipe.generate_tokens(
-            LABELS, jax.random.PRNGKey(s), NUM_STEPS, top_k=1, choice_temperature=0
+            LABELS, jax.random.PRNGKey(s), num_steps=NUM_STEPS, top_k=1, choice_temperature=0
         )
         for s in (0, 5)
     ]
@@ -71,6 +76,10 @@ def test_top_k_1_is_greedy_and_ignores_the_sampling_key(pipe):
     np.testing.assert_array_equal(greedy[0].reshape(3, 16), np.argmax(logits[:, 1:], axis=-1))
 
 
+GUIDED = DecodeOptions(guidance_scale=2.0)
+TOP3 = DecodeOptions(top_k=3)
+
+
 def test_logits_function_applies_guidance_and_top_k(pipe):
     ids = np.random.default_rng(0).integers(0, CODEBOOK, (2, 17)).astype(np.int32)
     ids[:, 0] = CODEBOOK + 1
@@ -80,33 +89,30 @@ def test_logits_function_applies_guidance_and_top_k(pipe):
         cond = pipe.transformer.apply(variables, ids, num_logits=CODEBOOK)
         uncond_ids = ids.at[:, 0].set(CODEBOOK + 4)
         uncond = pipe.transformer.apply(variables, uncond_ids, num_logits=CODEBOOK)
-        guided = pipe._logits_fn(None, True)((variables, 2.0), ids)
-        top3 = pipe._logits_fn(3, False)((variables, 0.0), ids)
+        guided = pipe._logits_fn(GUIDED)((variables, 2.0), ids)
+        top3 = pipe._logits_fn(TOP3)((variables, 0.0), ids)
         return cond, uncond, guided, top3
 
     cond, uncond, guided, top3 = map(np.asarray, all_logits(pipe.transformer_variables, ids))
     np.testing.assert_allclose(guided, 3.0 * cond - 2.0 * uncond, rtol=1e-5, atol=1e-5)
     assert np.all(np.isfinite(top3).sum(-1) == 3)
     np.testing.assert_array_equal(top3.argmax(-1), cond.argmax(-1))
-    assert pipe._logits_fn(3, False) is pipe._logits_fn(3, False)  # One compile per variant.
+    assert pipe._logits_fn(TOP3) is pipe._logits_fn(TOP3)  # One compile per variant.
 
 
 def test_guidance_needs_label_dropout(pipe):
     with pytest.raises(ValueError, match=r"training.label_dropout=0.*force_guidance=True"):
-        pipe.generate(LABELS, jax.random.PRNGKey(0), NUM_STEPS, guidance_scale=1.5)
-    options = dict(schedule=None, choice_temperature=None, temperature=None, top_k=None)
-    forced = pipe._options(
-        4, 0, guidance_scale=1.5, ordering="halton", force_guidance=True, **options
-    )
-    assert forced["guidance_scale"] == 1.5
-    with pytest.raises(ValueError, match="guidance_scale must be >= 0"):
+        pipe.generate(LABELS, jax.random.PRNGKey(0), num_steps=NUM_STEPS, guidance_scale=1.5)
+    forced = pipe.options(guidance_scale=1.5, ordering="halton", force_guidance=True)
+    assert forced.guidance_scale == 1.5 and forced.ordering == "halton"
+    with pytest.raises(ValueError, match="guidance_scale must be a finite number >= 0"):
         pipe.generate(LABELS, jax.random.PRNGKey(0), guidance_scale=-1.0)
     with pytest.raises(ValueError, match="ordering must be one of"):
         pipe.generate(LABELS, jax.random.PRNGKey(0), ordering="raster")
 
 
 def test_halton_order_is_a_spread_out_permutation():
-    order = pipeline.halton_order(4, 4)
+    order = orders.halton_order(4, 4)
     np.testing.assert_array_equal(np.sort(order), np.arange(16))
     rows, cols = order // 4, order % 4
     # Spread out: the first 4 cells use 4 columns and no two are neighbours; the first 8 use
@@ -116,7 +122,7 @@ def test_halton_order_is_a_spread_out_permutation():
         abs(rows[i] - rows[j]) + abs(cols[i] - cols[j]) > 1 for i in range(4) for j in range(i)
     )
     assert set(rows[:8]) == {0, 1, 2, 3} and np.all(np.bincount(cols[:8]) == 2)
-    tall = pipeline.halton_order(3, 7)
+    tall = orders.halton_order(3, 7)
     np.testing.assert_array_equal(np.sort(tall), np.arange(21))
 
 
@@ -129,23 +135,19 @@ def test_halton_decoding_reveals_tokens_in_halton_order():
             ids.shape + (CODEBOOK,)
         )
 
-    order = pipeline.halton_order(4, 4)
-    ranks = np.empty(16, np.float32)
-    ranks[order] = np.arange(16)
-    decode = jax.jit(
-        functools.partial(
-            pipeline._order_decode,
-            tokens_to_logits=counting_logits,
-            params=None,
+    order = orders.halton_order(4, 4)
+    inputs = jnp.asarray(np.concatenate([[7], np.full(16, 99)])[None], jnp.int32)
+    options = DecodeOptions(num_steps=5, schedule="linear", ordering="halton")
+    out = np.asarray(
+        core.decode(
+            inputs,
+            jax.random.PRNGKey(0),
+            counting_logits,
             mask_token_id=99,
-            num_steps=5,
-            start_step=0,
-            schedule="linear",
+            options=options,
+            order_score=orders.order_score(order),
         )
     )
-    inputs = jnp.asarray(np.concatenate([[7], np.full(16, 99)])[None], jnp.int32)
-    score = jnp.asarray(np.concatenate([[0.0], -ranks]))
-    out = np.asarray(decode(inputs, jax.random.PRNGKey(0), order_score=score, temperature=1.0))
     revealed_at = out[0, 1:][order]  # Known-count at reveal, listed in Halton order.
     assert np.all(np.diff(revealed_at) >= 0) and len(np.unique(revealed_at)) == 5
     assert out[0, 0] == 7
@@ -153,7 +155,7 @@ def test_halton_decoding_reveals_tokens_in_halton_order():
 
 def test_halton_generation(pipe, first):
     tokens = [
-        pipe.generate_tokens(LABELS, jax.random.PRNGKey(s), NUM_STEPS, ordering="halton")
+        pipe.generate_tokens(LABELS, jax.random.PRNGKey(s), num_steps=NUM_STEPS, ordering="halton")
         for s in (0, 0, 1)
     ]
     np.testing.assert_array_equal(tokens[0], tokens[1])
@@ -223,7 +225,7 @@ def test_bad_options_raise(pipe, images):
         pipe.edit(images, (0, 0, 2, 2), 4, jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match=r"top_k must be an integer >= 1"):
         pipe.generate(LABELS, jax.random.PRNGKey(0), top_k=0)
-    with pytest.raises(ValueError, match=r"start_step must be in \[0, num_steps=12\)"):
+    with pytest.raises(ValueError, match=r"start_step must be an integer in \[0, num_steps=12\)"):
         pipe.inpaint(images, np.ones((8, 8)), 0, jax.random.PRNGKey(0), start_step=12)
 
 
@@ -231,18 +233,18 @@ def test_blur_and_composite():
     token_mask = np.zeros((1, 8, 8), bool)
     token_mask[0, 3:5, 3:5] = True
     generated, original = np.ones((1, 32, 32, 3), np.float32), np.zeros((1, 32, 32, 3), np.float32)
-    out = pipeline.composite(generated, original, token_mask, radius=2.0)
+    out = editing.composite(generated, original, token_mask, radius=2.0)
     # The 8x8-pixel block (12..19) blurred with sigma 2 reaches 6 pixels (3 sigma) out.
     assert np.all(out[0, :6] == 0) and np.all(out[0, :, 26:] == 0)
     assert out[0, 15, 15, 0] > 0.85 and 0.3 < out[0, 12, 15, 0] < 0.6
     np.testing.assert_allclose(out.sum() / 3, 64.0, rtol=1e-4)  # The blur preserves mass.
-    hard = pipeline.composite(generated, original, token_mask, radius=-0.5)
+    hard = editing.composite(generated, original, token_mask, radius=-0.5)
     assert hard.sum() / 3 == 64.0
 
 
 def test_sharded_batch_equals_single_device(pipe, first):
-    inputs, size = pipe._shard(np.zeros((3, 5), np.int32))
-    assert size == 3 and inputs.shape == (8, 5)
+    inputs = pipe._shard(np.zeros((3, 5), np.int32))
+    assert inputs.shape == (8, 5)
     assert len(inputs.sharding.device_set) == 8 and inputs.sharding.spec == PartitionSpec("batch")
     single = pipeline.MaskGITPipeline(
         pipe.config,
@@ -252,7 +254,7 @@ def test_sharded_batch_equals_single_device(pipe, first):
     )
     assert single.num_devices == 1
     np.testing.assert_array_equal(
-        single.generate_tokens(LABELS, jax.random.PRNGKey(0), NUM_STEPS), first
+        single.generate_tokens(LABELS, jax.random.PRNGKey(0), num_steps=NUM_STEPS), first
     )
 
 
@@ -266,32 +268,53 @@ def test_requested_labels():
     np.testing.assert_array_equal(labels, [0, 1, 2, 3])
 
 
-def test_cli_writes_pngs_and_a_grid(pipe, tmp_path):
-    checkpoint = tmp_path / "pretrained"
+@pytest.fixture(scope="module")
+def checkpoint(pipe, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cli") / "pretrained"
     to_host = functools.partial(jax.tree.map, np.asarray)
     pretrained.save_pretrained(
-        checkpoint,
+        directory,
         pipe.config,
         to_host(pipe.tokenizer_variables),
         to_host(pipe.transformer_variables),
     )
-    output = tmp_path / "samples"
-    command = [
-        sys.executable,
-        "-m",
-        "maskgit_jax.sample",
-        f"--checkpoint={checkpoint}",
-        "--labels=0,1,3",
-        "--num_steps=2",
-        "--batch_size=2",
-        f"--output={output}",
-    ]
+    return directory
+
+
+def run_sample(cwd, *flags):
+    command = [sys.executable, "-m", "maskgit_jax.sample", *flags]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
-    done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def test_cli_writes_the_notebook_api_images_whatever_the_batch_size(pipe, checkpoint, tmp_path):
+    # Relative paths, as a user types them; batches of 2 rows, one key for the whole run.
+    (tmp_path / "model").symlink_to(checkpoint)
+    flags = ["--checkpoint=model", "--labels=0,1,3", "--num_steps=2", "--ordering=halton"]
+    done = run_sample(tmp_path, *flags, "--batch_size=2", "--output=samples")
     assert done.returncode == 0, done.stderr[-3000:]
+    output = tmp_path / "samples"
     names = sorted(p.name for p in output.iterdir())
     assert names == ["00000_class0.png", "00001_class1.png", "00002_class3.png", "grid.png"]
     grid = np.asarray(Image.open(output / "grid.png"))
     assert grid.shape == (8, 24, 3)
-    first = np.asarray(Image.open(output / "00000_class0.png"))
-    np.testing.assert_array_equal(grid[:, :8], first)
+    expected = pipe.generate([0, 1, 3], jax.random.PRNGKey(0), num_steps=2, ordering="halton")
+    np.testing.assert_array_equal(grid[:, :8], images_io.to_uint8(expected[0]))
+    np.testing.assert_array_equal(grid, images_io.to_uint8(images_io.make_grid(expected, 1)))
+
+
+@pytest.mark.parametrize(
+    "flag, match",
+    [
+        ("--choice_temperature=-1", "choice_temperature must be a finite number >= 0"),
+        ("--labels=0,9", "class id 9 is out of range"),
+        ("--dtype=float16", "dtype"),
+        ("--top_k=0", "top_k must be an integer >= 1"),
+    ],
+)
+def test_cli_bad_options_fail_before_writing_anything(checkpoint, tmp_path, flag, match):
+    flags = [f"--checkpoint={checkpoint}", "--labels=0,1", "--output=out", flag]
+    done = run_sample(tmp_path, *flags)
+    assert done.returncode != 0
+    assert match in done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
