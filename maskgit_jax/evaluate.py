@@ -4,8 +4,8 @@ Samples (class labels 0, 1, ..., num_classes-1 repeated up to --num_samples):
 
   python -m maskgit_jax.evaluate --checkpoint=PRETRAINED_DIR \
     --inception=classify_image_graph_def.pb --reference=STATS.npz \
-    --num_samples=50000 --batch_size=64 [--acceptance_rate=0.05 \
-    --inception_label_map=imagenet_2012_challenge_label_map_proto.pbtxt]
+    --num_samples=50000 --batch_size=64 [--num_steps=12 --guidance_scale=... \
+    --acceptance_rate=0.05 --inception_label_map=imagenet_2012_challenge_label_map_proto.pbtxt]
 
 Reference statistics of a dataset's eval split (any dataset the input pipeline reads):
 
@@ -14,25 +14,43 @@ Reference statistics of a dataset's eval split (any dataset the input pipeline r
 
 --inception is TensorFlow's 2015-12-05 graph (`classify_image_graph_def.pb`, or the
 inception-2015-12-05.tgz that holds it; see `maskgit_jax.evaluation.inception`).
-Precision/recall need the reference's raw features (--keep_features when writing it).
-Batches are split over this process's devices; with several processes each samples its
-share of the labels and the features are gathered before the metrics are computed.
+--reference is our statistics file or an ADM reference batch (e.g.
+VIRTUAL_imagenet256_labeled.npz). Precision/recall need the reference's raw features
+(--keep_features when writing it) or an ADM batch's images, whose features are computed once.
+The decoding options default to the checkpoint config's `sampling` values. Every input is
+checked before anything is sampled. Label i is sampled with the key of row i, so the images are
+those of one `MaskGITPipeline.generate(labels, rng)` call whatever the batch size or process
+count. Run as several processes (one per host: SLURM's srun, mpirun, a Cloud TPU slice on
+GKE, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES and JAX_PROCESS_ID; see
+`maskgit_jax.cluster`), each samples its contiguous share of the labels, and the features are
+gathered before the metrics are computed.
 """
 
+import os
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags, logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ml_collections import config_flags
 
-from maskgit_jax import multihost
-from maskgit_jax.checkpoints import pretrained
-from maskgit_jax.evaluation import inception, metrics, rejection
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax import cluster, multihost
+from maskgit_jax.decoding import options as decode_options
+from maskgit_jax.evaluation import inception, metrics, reference_sets, rejection, samples
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 
 FLAGS = flags.FLAGS
+
+# Decoding option flags, passed to `MaskGITPipeline.options` (None: the config's value).
+OPTION_FLAGS = (
+    "num_steps",
+    "schedule",
+    "choice_temperature",
+    "temperature",
+    "guidance_scale",
+    "top_k",
+    "ordering",
+    "dtype",
+)
 
 
 def _define_flags() -> None:
@@ -46,7 +64,9 @@ def _define_flags() -> None:
     flags.DEFINE_string(
         "inception", None, "classify_image_graph_def.pb or inception-2015-12-05.tgz."
     )
-    flags.DEFINE_string("reference", None, "Reference statistics .npz (sample mode).")
+    flags.DEFINE_string(
+        "reference", None, "Reference statistics .npz or ADM reference batch (sample mode)."
+    )
     flags.DEFINE_integer("num_samples", 50000, "Images to sample.")
     flags.DEFINE_integer("batch_size", 64, "Images per batch and process.")
     flags.DEFINE_float(
@@ -60,7 +80,23 @@ def _define_flags() -> None:
     )
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_integer("is_splits", 10, "Inception Score splits.")
+    flags.DEFINE_bool(
+        "precision_recall",
+        True,
+        "Precision/recall, when the reference has features or (ADM batch) images.",
+    )
     flags.DEFINE_integer("pr_k", 3, "Nearest neighbours of precision/recall manifolds.")
+    flags.DEFINE_integer("num_steps", None, "Decoding steps.")
+    flags.DEFINE_string("schedule", None, "Mask schedule (cosine, linear, ..., pow<k>).")
+    flags.DEFINE_float("choice_temperature", None, "Initial re-masking Gumbel temperature.")
+    flags.DEFINE_float("temperature", None, "Softmax temperature of token sampling.")
+    flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale.")
+    flags.DEFINE_bool(
+        "force_guidance", False, "Guide although the config reports no label dropout."
+    )
+    flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes.")
+    flags.DEFINE_enum("ordering", None, decode_options.ORDERINGS, "Reveal order.")
+    flags.DEFINE_enum("dtype", None, decode_options.DTYPES, "Transformer compute dtype.")
     config_flags.DEFINE_config_file("config", None, "Dataset config (reference mode).")
     flags.DEFINE_string(
         "output",
@@ -71,94 +107,34 @@ def _define_flags() -> None:
     flags.DEFINE_bool("keep_features", False, "Also store the raw features (for precision/recall).")
 
 
-def process_labels(num_samples: int, num_classes: int) -> np.ndarray:
-    """Labels of this process: its share of 0..num_classes-1 repeated up to `num_samples`."""
-    labels = np.arange(num_samples) % num_classes
-    return np.array_split(labels, jax.process_count())[jax.process_index()]
-
-
-class ShardedSampler:
-    """Images for a batch of labels, the batch split over `mesh` (one compiled program).
-
-    The variables (host arrays, or arrays this process can read whole) are replicated over
-    `mesh`; `sampler` is a `sampling.MaskGITSampler` of the models' config.
-    """
-
-    def __init__(
-        self,
-        sampler: sampling.MaskGITSampler,
-        tokenizer_variables: Any,
-        transformer_variables: Any,
-        mesh: Mesh,
-    ):
-        self.sampler = sampler
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self.tokenizer_variables = jax.device_put(tokenizer_variables, replicated)
-        self.transformer_variables = jax.device_put(transformer_variables, replicated)
-        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
-
-    @classmethod
-    def from_pretrained(cls, model: pretrained.Pretrained, mesh: Mesh) -> "ShardedSampler":
-        """A sampler of a loaded pretrained pair."""
-        return cls(
-            sampling.MaskGITSampler(model.config),
-            model.tokenizer_variables,
-            model.transformer_variables,
-            mesh,
+def _check_counts() -> None:
+    """Sample counts the metrics can use, and a batch this process's devices split."""
+    if FLAGS.num_samples < max(2, jax.process_count()):
+        raise app.UsageError(
+            f"--num_samples={FLAGS.num_samples}: FID needs at least 2 samples, and every one of "
+            f"the {jax.process_count()} processes at least one."
         )
-
-    def __call__(self, labels: np.ndarray, rng: jax.Array) -> jax.Array:
-        labels = jax.device_put(labels.astype(np.int32), self.batch_sharding)
-        return self.sampler.sample(
-            self.tokenizer_variables, self.transformer_variables, labels, rng
+    if not 1 <= FLAGS.is_splits <= FLAGS.num_samples:
+        raise app.UsageError(f"--is_splits={FLAGS.is_splits} must be in [1, --num_samples].")
+    num_devices = jax.local_device_count()
+    if FLAGS.batch_size < 1 or FLAGS.batch_size % num_devices:
+        raise app.UsageError(
+            f"--batch_size={FLAGS.batch_size} must be a positive multiple of the {num_devices} "
+            "local devices (each batch is split over them)."
         )
-
-
-def sample_outputs(
-    sample_fn: Any,
-    inception_fn: Any,
-    labels: np.ndarray,
-    rng: jax.Array,
-    *,
-    batch_size: int,
-    acceptance_rate: float = 1.0,
-    class_index: np.ndarray | None = None,
-) -> dict[str, np.ndarray]:
-    """{"pool_3", "logits"} of the (rejection-)sampled images for `labels`."""
-    return rejection.rejection_sample(
-        sample_fn,
-        inception_fn,
-        labels,
-        rng,
-        acceptance_rate=acceptance_rate,
-        batch_size=batch_size,
-        class_index=class_index,
-        keep_fn=lambda images, out: {"pool_3": out["pool_3"], "logits": out["logits"]},
-    )
-
-
-def report(
-    outputs: dict[str, np.ndarray], reference: dict[str, np.ndarray], *, splits: int, k: int
-) -> dict[str, float]:
-    """FID against `reference`, IS, and precision/recall when the reference has features."""
-    mu, sigma = metrics.compute_statistics(outputs["pool_3"])
-    result = {"fid": metrics.fid_from_stats(mu, sigma, reference["mu"], reference["sigma"])}
-    result["inception_score"], result["inception_score_std"] = metrics.inception_score(
-        outputs["logits"], splits=splits, from_logits=True
-    )
-    if "features" in reference:
-        result["precision"], result["recall"] = metrics.precision_recall(
-            reference["features"], outputs["pool_3"], k=k
-        )
-    return result
 
 
 def evaluate_samples() -> dict[str, float]:
-    """Sample mode: samples, Inception outputs, metrics."""
-    for name, value in (("checkpoint", FLAGS.checkpoint), ("reference", FLAGS.reference)):
-        if not value:
+    """Sample mode: every input checked, then samples, Inception outputs, metrics."""
+    for name in ("checkpoint", "reference"):
+        if not FLAGS[name].value:
             raise app.UsageError(f"--{name} is required in sample mode.")
-    reference = metrics.load_statistics(FLAGS.reference)
+    _check_counts()
+    reference = metrics.load_statistics(
+        FLAGS.reference, feature_dim=inception.FEATURE_DIM, images=FLAGS.precision_recall
+    )
+    if not FLAGS.precision_recall:
+        reference.pop("features", None)
     class_index = None
     if FLAGS.acceptance_rate < 1.0:
         if not FLAGS.inception_label_map:
@@ -167,52 +143,34 @@ def evaluate_samples() -> dict[str, float]:
                 "probability and needs --inception_label_map (see evaluation/rejection.py)."
             )
         class_index = rejection.inception_class_index(FLAGS.inception_label_map)
-    mesh = multihost.local_mesh()
-    if FLAGS.batch_size % mesh.size:
-        raise app.UsageError(f"--batch_size must be a multiple of the {mesh.size} local devices.")
-    model = pretrained.load_pretrained(FLAGS.checkpoint)
-    inception_fn = inception.make_apply_fn(inception.load_inception_params(FLAGS.inception), mesh)
-    labels = process_labels(FLAGS.num_samples, model.config.num_classes)
-    rng = jax.random.fold_in(jax.random.PRNGKey(FLAGS.seed), jax.process_index())
-    outputs = sample_outputs(
-        ShardedSampler.from_pretrained(model, mesh),
+    pipe = MaskGITPipeline.from_pretrained(FLAGS.checkpoint, devices=jax.local_devices())
+    options = pipe.options(
+        **{name: FLAGS[name].value for name in OPTION_FLAGS},
+        force_guidance=FLAGS.force_guidance,
+    )
+    share = samples.process_share(FLAGS.num_samples, pipe.config.num_classes, FLAGS.acceptance_rate)
+    # Inception on the sampler's mesh: the images it samples stay on the devices.
+    inception_fn = inception.make_apply_fn(
+        inception.load_inception_params(FLAGS.inception), pipe.mesh
+    )
+    reference = reference_sets.with_image_features(reference, inception_fn, FLAGS.batch_size)
+    logging.info(
+        "Sampling %d images (%d on this process) with %s.",
+        FLAGS.num_samples,
+        len(share.labels),
+        options,
+    )
+    outputs = samples.sample_outputs(
+        samples.pipeline_sample_fn(pipe, jax.random.PRNGKey(FLAGS.seed), options),
         inception_fn,
-        labels,
-        rng,
+        share,
         batch_size=FLAGS.batch_size,
-        acceptance_rate=FLAGS.acceptance_rate,
         class_index=class_index,
     )
     outputs = {key: multihost.gather_rows(value) for key, value in outputs.items()}
     if FLAGS.output and jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, outputs["pool_3"], keep_features=True)
-    return report(outputs, reference, splits=FLAGS.is_splits, k=FLAGS.pr_k)
-
-
-def reference_features(
-    config: Any, inception_fn: Any, batch_size: int, max_batches: int = 0
-) -> np.ndarray:
-    """Inception pool_3 features of the config's dataset eval split (this process's share).
-
-    `batch_size` is per process; `max_batches` > 0 stops after that many batches.
-    """
-    from maskgit_jax import input_pipeline  # TensorFlow input pipeline: reference mode only
-
-    _, eval_ds, info = input_pipeline.create_datasets(
-        config.dataset,
-        image_size=config.image_size,
-        global_batch_size=batch_size * jax.process_count(),
-        seed=config.seed,
-    )
-    if eval_ds is None:
-        raise ValueError(f"dataset {info.name!r} has no eval split; set dataset.eval_split.")
-    features = []
-    for index, batch in enumerate(eval_ds):
-        if max_batches and index >= max_batches:
-            break
-        mask = np.asarray(batch["mask"], bool)
-        features.append(inception_fn(batch["image"])["pool_3"][mask])
-    return np.concatenate(features)
+    return metrics.report(outputs, reference, splits=FLAGS.is_splits, k=FLAGS.pr_k)
 
 
 def write_reference() -> dict[str, Any]:
@@ -223,7 +181,7 @@ def write_reference() -> dict[str, Any]:
         inception.load_inception_params(FLAGS.inception), multihost.local_mesh()
     )
     features = multihost.gather_rows(
-        reference_features(FLAGS.config, inception_fn, FLAGS.batch_size)
+        reference_sets.eval_split_features(FLAGS.config, inception_fn, FLAGS.batch_size)
     )
     if jax.process_index() == 0:
         metrics.save_statistics(FLAGS.output, features, keep_features=FLAGS.keep_features)
@@ -235,6 +193,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.inception:
         raise app.UsageError("--inception is required (" + inception.DOWNLOAD_HELP + ")")
+    inception.check_file(FLAGS.inception)
+    decision = cluster.initialize(os.environ)
+    logging.info("%s; multi-process: %s.", cluster.describe(), decision.reason)
     result = evaluate_samples() if FLAGS.mode == "sample" else write_reference()
     if jax.process_index() == 0:
         for key, value in result.items():

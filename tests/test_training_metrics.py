@@ -15,10 +15,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from maskgit_jax import config_lib, evaluate
+from maskgit_jax import config_lib
 from maskgit_jax.checkpoints import official as official_checkpoint
 from maskgit_jax.checkpoints import pretrained
-from maskgit_jax.evaluation import in_training, metrics
+from maskgit_jax.evaluation import in_training, metrics, reference_sets, samples
 from maskgit_jax.training import loop as train_loop
 from maskgit_jax.training import tokenizer as train_tokenizer
 from maskgit_jax.training import transformer as train_transformer
@@ -79,40 +79,6 @@ def _random_variables(config):
         fill, official_checkpoint.abstract_transformer_params(config)
     )
     return tokenizer, transformer["params"]
-
-
-# ---------------------------------------------------------------------------------- FID
-
-
-def test_fid_of_features_against_themselves_is_zero():
-    rng = np.random.default_rng(0)
-    features = rng.normal(0, 2, (BATCH, 2048)).astype(np.float32)
-    other = features + rng.normal(0, 0.5, features.shape).astype(np.float32)
-    assert in_training.fid_between(features, features) == pytest.approx(0.0, abs=1e-6)
-    assert in_training.fid_between(features, other) > 100.0
-    # The transformer stage's path: report() against statistics of the same features.
-    mu, sigma = metrics.compute_statistics(features)
-    outputs = {"pool_3": features, "logits": rng.normal(size=(BATCH, 1008))}
-    same = in_training.report(outputs, {"mu": mu, "sigma": sigma}, splits=2, k=3)
-    assert same["fid"] == pytest.approx(0.0, abs=1e-3) and "precision" not in same
-    shifted = in_training.report(outputs, {"mu": mu + 1.0, "sigma": sigma}, splits=2, k=3)
-    assert shifted["fid"] == pytest.approx(2048.0, rel=1e-6)
-    with_features = {"mu": mu, "sigma": sigma, "features": other}
-    assert in_training.report(outputs, with_features, splits=2, k=3)["precision"] >= 0.0
-    with pytest.raises(ValueError, match="at least 2"):
-        in_training.fid_between(features[:1], features)
-
-
-@pytest.mark.parametrize("n, m", [(6, 9), (9, 6), (40, 30)])
-def test_fast_fid_matches_the_matrix_square_root(n, m):
-    rng = np.random.default_rng(n)
-    d = 12
-    a = rng.normal(size=(n, d))
-    b = 1.5 * rng.normal(size=(m, d)) @ rng.normal(size=(d, d)) / np.sqrt(d) + 0.3
-    (mu_a, sigma_a), (mu_b, sigma_b) = metrics.compute_statistics(a), metrics.compute_statistics(b)
-    expected = metrics.fid_from_stats(mu_a, sigma_a, mu_b, sigma_b)
-    assert in_training.fid_between(a, b) == pytest.approx(expected, rel=1e-6)
-    assert in_training.fid_to_reference(a, mu_b, sigma_b) == pytest.approx(expected, rel=1e-6)
 
 
 # ------------------------------------------------------------------------- tokenizer: rFID
@@ -179,15 +145,52 @@ def test_sample_quality_scores_samples_and_caches_the_reference(
     cached = metrics.load_statistics(tmp_path / in_training.REFERENCE_FILE)
     assert cached["features"].shape == (BATCH, 2048) and int(cached["num_examples"]) == BATCH
 
+    # The samples are the one sampler's, with the config's options at the training dtype.
+    pipe = quality.pipeline
+    assert quality.options == pipe.options() and quality.options.dtype == "float32"
+    images = pipe.generate(samples.all_labels(BATCH, config.num_classes), quality.rng)
+    want = metrics.fid_to_reference(inception_fn(images)["pool_3"], cached["mu"], cached["sigma"])
+    assert result["fid"] == pytest.approx(want, rel=1e-4)
+
+    # New weights reach the same pipeline; the old ones give the old value back.
+    shifted = jax.tree.map(lambda x: x * 1.5, transformer_params)
+    assert quality(tokenizer_variables, shifted)["fid"] != pytest.approx(result["fid"], rel=1e-3)
+    assert quality.pipeline is pipe
+    assert quality(tokenizer_variables, transformer_params)["fid"] == pytest.approx(
+        result["fid"], rel=1e-4
+    )
+
     # A restart reads the cached reference instead of recomputing it; the fixed seed gives
     # the same samples, hence the same values.
     def no_recompute(*args, **kwargs):
         raise AssertionError("the cached reference should have been used")
 
-    monkeypatch.setattr(evaluate, "reference_features", no_recompute)
+    monkeypatch.setattr(reference_sets, "eval_split_features", no_recompute)
     again = in_training.SampleQuality(config, tmp_path, inception_fn)
     assert again(tokenizer_variables, transformer_params)["fid"] == pytest.approx(
         result["fid"], rel=1e-4
+    )
+
+
+def test_sample_quality_reads_an_adm_reference_batch(inception_fn, tmp_path):
+    """A given ADM batch: FID from its mu/sigma, precision/recall from its images' features."""
+    config = _metrics_config("unused", "<loaded>", **{"evaluation.keep_reference_features": True})
+    config.training.compute_dtype = "bfloat16"
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (BATCH, 16, 16, 3), dtype=np.uint8)
+    features = inception_fn(images.astype(np.float32) / 255.0)["pool_3"]
+    mu, sigma = metrics.compute_statistics(features)
+    path = tmp_path / "VIRTUAL_digits16_labeled.npz"
+    np.savez(path, images, mu=mu, sigma=sigma, mu_s=np.zeros(3), sigma_s=np.eye(3))
+    config.evaluation.reference_statistics = str(path)
+    quality = in_training.SampleQuality(config, tmp_path, inception_fn)
+    assert quality.options.dtype == "bfloat16"
+    tokenizer_variables, transformer_params = _random_variables(config)
+    result = quality(tokenizer_variables, transformer_params)
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+    np.testing.assert_allclose(quality.reference()["features"], features, rtol=1e-5, atol=1e-5)
+    assert (
+        "images" not in quality.reference() and not (tmp_path / in_training.REFERENCE_FILE).exists()
     )
 
 
@@ -288,7 +291,8 @@ port, index, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 jax.distributed.initialize(
     f"127.0.0.1:{port}", num_processes=2, process_id=index, initialization_timeout=120
 )
-from maskgit_jax import evaluate, multihost
+from maskgit_jax import multihost
+from maskgit_jax.evaluation import samples
 
 rows = np.full((3 - index, 2), float(index))  # uneven shares: 3 rows and 2 rows
 mesh = Mesh(np.array(jax.devices()), ("data",))
@@ -298,7 +302,8 @@ sharded = jax.make_array_from_callback(
 )
 result = {
     "gathered": multihost.gather_rows(rows).tolist(),
-    "labels": evaluate.process_labels(5, 10).tolist(),
+    "labels": samples.process_share(5, 10).labels.tolist(),
+    "row_offset": samples.process_share(5, 10).row_offset,
     "copy": multihost.host_copy({"w": sharded})["w"].tolist(),
 }
 with open(out, "w") as f:
@@ -346,6 +351,7 @@ def test_gather_of_uneven_shares_and_sharded_parameters_across_processes(tmp_pat
         assert result["gathered"] == [[0.0, 0.0]] * 3 + [[1.0, 1.0]] * 2
         assert result["copy"] == np.arange(16.0).reshape(8, 2).tolist()
     assert results[0]["labels"] + results[1]["labels"] == [0, 1, 2, 3, 4]
+    assert [result["row_offset"] for result in results] == [0, 3]
 
 
 # ---------------------------------------------------------------------- errors and config
@@ -369,7 +375,14 @@ def test_missing_reference_statistics_is_reported_before_sampling(inception_fn, 
     config.evaluation.reference_statistics = str(tmp_path / "stats.npz")
     with pytest.raises(FileNotFoundError, match="--mode=reference"):
         in_training.SampleQuality(config, tmp_path, inception_fn)
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(ValueError, match="64-d features .* are 2048-d"):
+        in_training.SampleQuality(config, tmp_path, inception_fn)
     config.evaluation.reference_statistics = ""
+    config.sampling.num_steps = 0
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+        in_training.SampleQuality(config, tmp_path, inception_fn)
+    config.sampling.num_steps = 8
     config.evaluation.batch_size = 12
     with pytest.raises(ValueError, match="multiple of this process's 8 devices"):
         in_training.SampleQuality(config, tmp_path, inception_fn)

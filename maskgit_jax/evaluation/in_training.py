@@ -4,13 +4,16 @@ Enabled by `config.evaluation.inception_path` (TensorFlow's 2015-12-05 Inception
 `maskgit_jax.evaluation.inception`); they run inside the held-out evaluation, every
 `evaluation.every_steps` steps (0: at every one).
 
-Transformer stage (`SampleQuality`): `evaluation.num_samples` images are sampled with the
-sampling parameters (labels 0..num_classes-1 repeated, each process its share, the batches
-split over the process's devices), their Inception outputs give `fid` against the reference
-statistics, `inception_score` (and its std), and `precision`/`recall` when the reference
-holds raw features. The reference is `evaluation.reference_statistics`, or, when that is
-empty, the eval split's statistics computed once (as `evaluate --mode=reference` does) and
-cached in WORKDIR/fid_reference.npz, so that restarts reuse it (delete it to recompute).
+Transformer stage (`SampleQuality`): `evaluation.num_samples` images are sampled by
+`MaskGITPipeline` with the config's sampling options at the training compute dtype (labels
+0..num_classes-1 repeated, each process its share, label i with the key of row i, so the
+images do not depend on the process count; the batches split over the process's devices);
+their Inception outputs give `fid` against the reference statistics, `inception_score` (and
+its std), and `precision`/`recall` when the reference holds raw features. The reference is
+`evaluation.reference_statistics` (our .npz or an ADM reference batch, whose images give the
+features when `keep_reference_features` is set), or, when that is empty, the eval split's
+statistics computed once (as `evaluate --mode=reference` does) and cached in
+WORKDIR/fid_reference.npz, so that restarts reuse it (delete it to recompute).
 
 Tokenizer stage (`ReconstructionFID`): the FID between the Inception features of held-out
 images and those of their reconstructions over the same batches (`eval_rfid`).
@@ -32,9 +35,10 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from maskgit_jax import config_lib, evaluate, multihost
-from maskgit_jax.evaluation import inception, metrics
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax import config_lib, multihost
+from maskgit_jax.decoding.options import DecodeOptions
+from maskgit_jax.evaluation import inception, metrics, reference_sets, samples
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 
 # Reference statistics computed during training, in the stage's workdir.
 REFERENCE_FILE = "fid_reference.npz"
@@ -93,74 +97,6 @@ def load_inception(config: ml_collections.ConfigDict, mesh: Mesh | None = None):
     return network
 
 
-def _centred(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    features = np.asarray(features, np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(
-            f"FID needs features [N >= 2, D] (at least 2 images); got shape {features.shape}."
-        )
-    mu = features.mean(axis=0)
-    return mu, (features - mu) / np.sqrt(features.shape[0] - 1)
-
-
-def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
-    """FID between features [N, D] and reference statistics (mu [D], sigma [D, D]).
-
-    For N <= D (few samples: the features' covariance S = X^T X has rank < N) the trace of
-    (S sigma)^(1/2) is the sum of the square roots of the eigenvalues of the N x N matrix
-    X sigma X^T, which share S sigma's nonzero spectrum: exact, and O(N D^2) instead of a
-    D x D matrix square root (minutes for D = 2048 on a small CPU). Otherwise this is
-    `metrics.fid_from_stats`.
-    """
-    mu_x, x = _centred(features)
-    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-    if mu.shape != mu_x.shape or sigma.shape != (mu.size, mu.size):
-        raise ValueError(
-            f"features {np.shape(features)} do not match the reference statistics: mu "
-            f"{mu.shape}, sigma {sigma.shape}."
-        )
-    if x.shape[0] > x.shape[1]:
-        return metrics.fid_from_stats(mu_x, x.T @ x, mu, sigma)
-    eigenvalues = np.linalg.eigvalsh(x @ sigma @ x.T)
-    diff = mu_x - mu
-    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
-    return float(diff @ diff + np.sum(x * x) + np.trace(sigma) - 2.0 * trace_sqrt)
-
-
-def fid_between(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """FID between two sets of Inception features [N, D] and [M, D] (N, M >= 2).
-
-    With min(N, M) <= D, trace (S_a S_b)^(1/2) is the nuclear norm of X_a X_b^T (the
-    centred, scaled features; the singular values of X_a X_b^T are the square roots of the
-    eigenvalues of S_a S_b): exact without a D x D matrix square root.
-    """
-    mu_a, a = _centred(features_a)
-    mu_b, b = _centred(features_b)
-    if mu_a.shape != mu_b.shape:
-        raise ValueError(f"feature sizes differ: {mu_a.shape} and {mu_b.shape}.")
-    if min(a.shape[0], b.shape[0]) > a.shape[1]:
-        return metrics.fid_from_stats(mu_a, a.T @ a, mu_b, b.T @ b)
-    diff = mu_a - mu_b
-    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
-    return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2.0 * trace_sqrt)
-
-
-def report(
-    outputs: dict[str, np.ndarray], reference: dict[str, Any], *, splits: int, k: int
-) -> dict[str, float]:
-    """`evaluate.report`'s metrics, with the FID of `fid_to_reference` (fast for few samples)."""
-    result = {"fid": fid_to_reference(outputs["pool_3"], reference["mu"], reference["sigma"])}
-    result["inception_score"], result["inception_score_std"] = metrics.inception_score(
-        outputs["logits"], splits=splits, from_logits=True
-    )
-    # k-NN manifolds need more than k points on each side.
-    if "features" in reference and min(len(reference["features"]), len(outputs["pool_3"])) > k:
-        result["precision"], result["recall"] = metrics.precision_recall(
-            reference["features"], outputs["pool_3"], k=k
-        )
-    return result
-
-
 class ReconstructionFID:
     """Reconstruction FID: Inception features of inputs and reconstructions, batch by batch."""
 
@@ -183,7 +119,7 @@ class ReconstructionFID:
         """FID between all processes' inputs and reconstructions (a collective)."""
         real = multihost.gather_rows(_concat(self.real))
         reconstructed = multihost.gather_rows(_concat(self.reconstructed))
-        return fid_between(real, reconstructed)
+        return metrics.fid_between(real, reconstructed)
 
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
@@ -211,9 +147,11 @@ def reconstruction_fid(
 class SampleQuality:
     """FID / Inception Score (/ precision, recall) of the transformer stage's samples.
 
-    Built once per run, before training (the reference file named in the config must
-    exist); call it at an evaluation step on every process with the tokenizer variables and
-    the transformer's sampling parameters.
+    Built once per run, before training (the reference file named in the config is read and
+    checked, the decoding options validated); call it at an evaluation step on every process
+    with the tokenizer variables and the transformer's sampling parameters. The samples come
+    from one `MaskGITPipeline` on this process's devices, made at the first call and given
+    the new weights at each later one, so its compiled programs are reused.
     """
 
     def __init__(
@@ -221,15 +159,17 @@ class SampleQuality:
         config: ml_collections.ConfigDict,
         workdir: str | epath.PathLike,
         inception_fn: InceptionNetwork,
-        dtype: Any = jnp.float32,
+        dtype: Any = None,
     ):
         self.config = config
         self.settings = config_lib.evaluation_settings(config)
         self.inception_fn = inception_fn
         self.mesh = inception_fn.mesh
         self.workdir = epath.Path(workdir)
-        # An own sampler: its compiled programs are those of the local mesh, not the grid's.
-        self.sampler = sampling.MaskGITSampler(config, dtype=dtype)
+        # The transformer's compute dtype (default: the training config's).
+        self.dtype = jnp.dtype(config.training.compute_dtype if dtype is None else dtype).name
+        self.options = DecodeOptions.from_config(config, dtype=self.dtype)
+        self.pipeline: MaskGITPipeline | None = None
         given = self.settings.reference_statistics
         if given and not epath.Path(given).exists():
             raise FileNotFoundError(
@@ -238,34 +178,39 @@ class SampleQuality:
                 "compute the eval split's statistics during training."
             )
         check_batch_split(config, self.mesh.size)
-        self.labels = evaluate.process_labels(self.settings.num_samples, config.num_classes)
-        if not len(self.labels):
-            raise ValueError(
-                f"evaluation.num_samples={self.settings.num_samples} leaves process "
-                f"{jax.process_index()} of {jax.process_count()} nothing to sample."
-            )
+        try:
+            self.share = samples.process_share(self.settings.num_samples, config.num_classes)
+        except ValueError as error:
+            raise ValueError(f"evaluation.num_samples: {error}") from None
         # One seed for every evaluation: the values then follow the model, not the noise.
-        self.rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), jax.process_index())
+        self.rng = jax.random.PRNGKey(config.seed)
+        # A given file is read (and its shapes checked) now, an eval-split one at first use.
         self._reference: dict[str, Any] | None = None
-
-    @property
-    def reference_path(self) -> epath.Path:
-        """The statistics file the samples are compared with."""
-        given = self.settings.reference_statistics
-        return epath.Path(given) if given else self.workdir / REFERENCE_FILE
+        if given:
+            self._reference = metrics.load_statistics(
+                given,
+                feature_dim=inception.FEATURE_DIM,
+                images=bool(self.settings.keep_reference_features),
+            )
 
     def reference(self) -> dict[str, Any]:
-        """The reference statistics: read, or computed and cached, once per run."""
+        """The reference statistics: read, or computed and cached, once per run.
+
+        A given ADM reference batch's images (kept with `keep_reference_features`) become
+        its features here, for precision/recall.
+        """
         if self._reference is None:
-            self._reference = self._load_or_compute_reference()
+            self._reference = self._cached_or_computed_reference()
+        if "images" in self._reference:
+            self._reference = reference_sets.with_image_features(
+                self._reference, self.inception_fn, self.settings.batch_size
+            )
         return self._reference
 
-    def _load_or_compute_reference(self) -> dict[str, Any]:
-        path = self.reference_path
-        if self.settings.reference_statistics:
-            return metrics.load_statistics(path)
+    def _cached_or_computed_reference(self) -> dict[str, Any]:
+        path = self.workdir / REFERENCE_FILE
         if path.exists():
-            stats = metrics.load_statistics(path)
+            stats = metrics.load_statistics(path, feature_dim=inception.FEATURE_DIM)
             if "features" in stats or not self.settings.keep_reference_features:
                 logging.info(
                     "FID reference statistics of %s examples read from %s.",
@@ -299,33 +244,45 @@ class SampleQuality:
         limit = self.settings.reference_examples
         batch_size = self.settings.batch_size
         max_batches = math.ceil(limit / (batch_size * jax.process_count())) if limit else 0
-        features = evaluate.reference_features(
+        features = reference_sets.eval_split_features(
             self.config, self.inception_fn, batch_size, max_batches=max_batches
         )
         features = multihost.gather_rows(features)
         return features[:limit] if limit else features
 
+    def _sampler(self, tokenizer_variables: Any, transformer_variables: Any) -> MaskGITPipeline:
+        """The pipeline with these weights: made at the first call, then given new weights."""
+        if self.pipeline is None:
+            self.pipeline = MaskGITPipeline(
+                self.config,
+                tokenizer_variables,
+                transformer_variables,
+                devices=list(self.mesh.devices.flat),
+            )
+            self.options = self.pipeline.options(dtype=self.dtype)
+        else:
+            self.pipeline.set_variables(tokenizer_variables, transformer_variables)
+        return self.pipeline
+
     def __call__(self, tokenizer_variables: Any, transformer_params: Any) -> dict[str, float]:
         """Samples, Inception outputs and the metrics (a collective: call on every process)."""
-        reference = self.reference()
+        stats = self.reference()
         started = time.time()
-        tokenizer_variables = multihost.host_copy(tokenizer_variables)
-        transformer_variables = multihost.host_copy({"params": transformer_params})
-        with multihost.local_context(self.mesh):
-            sample_fn = evaluate.ShardedSampler(
-                self.sampler, tokenizer_variables, transformer_variables, self.mesh
-            )
-            outputs = evaluate.sample_outputs(
-                sample_fn,
+        pipe = self._sampler(
+            multihost.host_copy(tokenizer_variables),
+            multihost.host_copy({"params": transformer_params}),
+        )
+        with multihost.local_context(pipe.mesh):
+            outputs = samples.sample_outputs(
+                samples.pipeline_sample_fn(pipe, self.rng, self.options),
                 self.inception_fn,
-                self.labels,
-                self.rng,
+                self.share,
                 batch_size=self.settings.batch_size,
             )
         outputs = {key: multihost.gather_rows(value) for key, value in outputs.items()}
-        result = report(
+        result = metrics.report(
             outputs,
-            reference,
+            stats,
             splits=self.settings.inception_score_splits,
             k=PRECISION_RECALL_K,
         )

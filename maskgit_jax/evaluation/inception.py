@@ -326,10 +326,16 @@ def preprocess(images: Array, size: int = INPUT_SIZE) -> Array:
 # ----------------------------------------------------------------------------- weight loading
 
 
-def _read_graph_bytes(path: epath.Path) -> bytes:
+def check_file(path: str | epath.PathLike) -> epath.Path:
+    """`path` as a Path; a missing file is a FileNotFoundError saying where to get it."""
+    path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Inception weights not found at {path}. {DOWNLOAD_HELP}")
-    data = path.read_bytes()
+    return path
+
+
+def _read_graph_bytes(path: epath.Path) -> bytes:
+    data = check_file(path).read_bytes()
     if path.name.endswith((".tgz", ".tar.gz")):
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as archive:
             member = next(
@@ -467,7 +473,8 @@ def make_apply_fn(
     """A jitted images [B, H, W, C] in [0, 1] -> {"pool_3", "logits"} numpy function.
 
     With `mesh`, the parameters are replicated over it and the batch is split over all its
-    axes (a batch that does not divide evenly is padded, and the padding dropped).
+    axes (a batch that does not divide evenly is padded, and the padding dropped). Device
+    arrays whose batch divides evenly are resharded on the devices, not copied to the host.
     """
     model = InceptionV3(precision)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
@@ -482,13 +489,19 @@ def make_apply_fn(
         params = jax.device_put(params)
 
     def run(images: Any) -> dict[str, np.ndarray]:
-        x = np.asarray(images, np.float32)
-        n = x.shape[0]
-        if in_sharding is not None:
-            padded = -(-n // mesh.size) * mesh.size
-            if padded != n:
-                x = np.concatenate([x, np.repeat(x[-1:], padded - n, axis=0)])
-            x = jax.device_put(x, in_sharding)
+        on_device = isinstance(images, jax.Array)
+        if on_device and (in_sharding is None or images.shape[0] % mesh.size == 0):
+            # Images already on the devices (a sampler's output) stay there.
+            n = images.shape[0]
+            x = jax.device_put(images, in_sharding) if in_sharding is not None else images
+        else:
+            x = np.asarray(images, np.float32)
+            n = x.shape[0]
+            if in_sharding is not None:
+                padded = -(-n // mesh.size) * mesh.size
+                if padded != n:
+                    x = np.concatenate([x, np.repeat(x[-1:], padded - n, axis=0)])
+                x = jax.device_put(x, in_sharding)
         out = apply(params, x)
         return {key: np.asarray(value)[:n] for key, value in out.items()}
 

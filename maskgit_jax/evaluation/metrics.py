@@ -2,14 +2,21 @@
 
 Statistics files are .npz with keys "mu" and "sigma" (the layout pytorch-fid and the ADM
 evaluation suite read), plus optionally "features" (the raw 2048-d features, needed for
-precision/recall) and "num_examples".
+precision/recall) and "num_examples". The ADM suite's reference batches (e.g.
+VIRTUAL_imagenet256_labeled.npz) hold "mu", "sigma", the images themselves as "arr_0" (uint8
+[N, H, W, 3], whose features give precision/recall) and sFID's "mu_s", "sigma_s" (ignored).
 """
 
+import pickle
+import zipfile
 from typing import Any
 
 import numpy as np
 import scipy.linalg
 from etils import epath
+
+# Key of the images in an ADM reference batch (np.savez's name for its first positional array).
+ADM_IMAGES_KEY = "arr_0"
 
 
 def compute_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,6 +64,59 @@ def fid_from_stats(
             raise ValueError(f"matrix square root has an imaginary component {imaginary:.3g}.")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
+
+def _centred(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and X = (features - mean) / sqrt(N - 1), so that X^T X is the covariance."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(
+            f"FID needs features [N >= 2, D] (at least 2 images); got shape {features.shape}."
+        )
+    mu = features.mean(axis=0)
+    return mu, (features - mu) / np.sqrt(features.shape[0] - 1)
+
+
+def fid_to_reference(features: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> float:
+    """FID between features [N, D] and reference statistics (mu [D], sigma [D, D]).
+
+    For N <= D (few samples: the features' covariance S = X^T X has rank < N) the trace of
+    (S sigma)^(1/2) is the sum of the square roots of the eigenvalues of the N x N matrix
+    X sigma X^T, which share S sigma's nonzero spectrum: exact, and O(N D^2) instead of a
+    D x D matrix square root (minutes for D = 2048 on a small CPU). Otherwise this is
+    `fid_from_stats`.
+    """
+    mu_x, x = _centred(features)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.shape != mu_x.shape or sigma.shape != (mu.size, mu.size):
+        raise ValueError(
+            f"features {np.shape(features)} do not match the reference statistics: mu "
+            f"{mu.shape}, sigma {sigma.shape}."
+        )
+    if x.shape[0] > x.shape[1]:
+        return fid_from_stats(mu_x, x.T @ x, mu, sigma)
+    eigenvalues = np.linalg.eigvalsh(x @ sigma @ x.T)
+    diff = mu_x - mu
+    trace_sqrt = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
+    return float(diff @ diff + np.sum(x * x) + np.trace(sigma) - 2.0 * trace_sqrt)
+
+
+def fid_between(features_a: np.ndarray, features_b: np.ndarray) -> float:
+    """FID between two sets of Inception features [N, D] and [M, D] (N, M >= 2).
+
+    With min(N, M) <= D, trace (S_a S_b)^(1/2) is the nuclear norm of X_a X_b^T (the
+    centred, scaled features; the singular values of X_a X_b^T are the square roots of the
+    eigenvalues of S_a S_b): exact without a D x D matrix square root.
+    """
+    mu_a, a = _centred(features_a)
+    mu_b, b = _centred(features_b)
+    if mu_a.shape != mu_b.shape:
+        raise ValueError(f"feature sizes differ: {mu_a.shape} and {mu_b.shape}.")
+    if min(a.shape[0], b.shape[0]) > a.shape[1]:
+        return fid_from_stats(mu_a, a.T @ a, mu_b, b.T @ b)
+    diff = mu_a - mu_b
+    trace_sqrt = np.linalg.svd(a @ b.T, compute_uv=False).sum()
+    return float(diff @ diff + np.sum(a * a) + np.sum(b * b) - 2.0 * trace_sqrt)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -143,6 +203,25 @@ def precision_recall(
     return precision, recall
 
 
+def report(
+    outputs: dict[str, np.ndarray], reference: dict[str, Any], *, splits: int, k: int
+) -> dict[str, float]:
+    """FID, Inception Score (mean, std) and, when the reference has features, precision/recall.
+
+    `outputs`: {"pool_3" [N, D], "logits" [N, C]} of the samples; `reference`: statistics as
+    `load_statistics` returns them. Precision/recall need more than `k` points on each side.
+    """
+    result = {"fid": fid_to_reference(outputs["pool_3"], reference["mu"], reference["sigma"])}
+    result["inception_score"], result["inception_score_std"] = inception_score(
+        outputs["logits"], splits=splits, from_logits=True
+    )
+    if "features" in reference and min(len(reference["features"]), len(outputs["pool_3"])) > k:
+        result["precision"], result["recall"] = precision_recall(
+            reference["features"], outputs["pool_3"], k=k
+        )
+    return result
+
+
 def save_statistics(
     path: str | epath.PathLike, features: np.ndarray, *, keep_features: bool = False
 ) -> dict[str, np.ndarray]:
@@ -158,22 +237,54 @@ def save_statistics(
     return stats
 
 
-def load_statistics(path: str | epath.PathLike) -> dict[str, Any]:
-    """Reads an .npz with "mu" and "sigma" (and "features" when saved); checks the shapes."""
+def load_statistics(
+    path: str | epath.PathLike, *, feature_dim: int | None = None, images: bool = False
+) -> dict[str, Any]:
+    """Reads reference statistics (our .npz or an ADM reference batch) and checks every shape.
+
+    Returns "mu" [D] and "sigma" [D, D], "features" [N, D] and "num_examples" when stored,
+    and with `images`, in a file without features, an ADM batch's uint8 images
+    [N, H, W, 3] (its "arr_0") as "images", to compute the features from.
+    Other arrays (sFID's "mu_s", "sigma_s") are not read. `feature_dim` is the D the caller's
+    network produces (`inception.FEATURE_DIM`); a file of another D is an error here rather
+    than after sampling.
+    """
     path = epath.Path(path)
     if not path.exists():
         raise FileNotFoundError(
             f"reference statistics {path} not found; write them with "
             "`python -m maskgit_jax.evaluate --mode=reference ...`."
         )
-    with path.open("rb") as f, np.load(f) as data:
-        stats = {key: data[key] for key in data.files}
+    try:
+        with path.open("rb") as f, np.load(f) as data:
+            stored = sorted(data.files)
+            wanted = ["mu", "sigma", "features", "num_examples"]
+            if images and "features" not in stored:
+                wanted.append(ADM_IMAGES_KEY)
+            stats = {key: data[key] for key in wanted if key in stored}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path} is not an .npz statistics file ({e}).") from e
     for key in ("mu", "sigma"):
         if key not in stats:
-            raise ValueError(f"{path} has no {key!r} array (it holds {sorted(stats)}).")
-    d = stats["mu"].shape[-1]
+            raise ValueError(f"{path} has no {key!r} array (it holds {stored}).")
+    d = stats["mu"].shape[-1] if stats["mu"].ndim else 0
     if stats["mu"].shape != (d,) or stats["sigma"].shape != (d, d):
         raise ValueError(
             f"{path}: mu {stats['mu'].shape} and sigma {stats['sigma'].shape} are not [D], [D, D]."
         )
+    if feature_dim is not None and d != feature_dim:
+        raise ValueError(
+            f"{path} holds statistics of {d}-d features (mu {stats['mu'].shape}); the FID "
+            f"Inception network's pool_3 features are {feature_dim}-d."
+        )
+    if "features" in stats and stats["features"].shape[1:] != (d,):
+        raise ValueError(f"{path}: features {stats['features'].shape} are not [N, {d}].")
+    if ADM_IMAGES_KEY in stats:
+        pictures = stats.pop(ADM_IMAGES_KEY)
+        if pictures.dtype != np.uint8 or pictures.ndim != 4 or pictures.shape[-1] != 3:
+            raise ValueError(
+                f"{path}: {ADM_IMAGES_KEY!r} is {pictures.dtype} {pictures.shape}; an ADM "
+                "reference batch holds uint8 images [N, H, W, 3]."
+            )
+        stats["images"] = pictures
     return stats
