@@ -1,6 +1,6 @@
 """Steps/s and FLOPs utilisation of the tokenizer train step (generator + discriminator).
 
-The real step (`TokenizerTrainer.train_step` jitted by `train_loop.jit_train_step`, state
+The real step (`train_tokenizer.build_stage`'s, jitted by `train_loop.jit_train_step`, state
 donated) for the imagenet256 tokenizer with the authors' loss set: L2 + quantizer + VGG16
 perceptual (random VGG weights: speed does not depend on them) + non-saturating GAN with a
 StyleGAN discriminator and R1. FLOPs per step come from XLA's cost analysis of the compiled
@@ -38,19 +38,12 @@ def main():
     config.mesh.shape = (1, 1, 1)
     if args.no_perceptual:
         config.tokenizer_training.perceptual_weight = 0.0
-    trainer = train_tokenizer.TokenizerTrainer(config)
     images = np.random.default_rng(0).random((args.batch, args.image_size, args.image_size, 3))
     images = images.astype(np.float32)
     perceptual = None
-    if trainer.use_perceptual:
+    if config.tokenizer_training.perceptual_weight > 0:
         perceptual = jax.jit(VGG16Features().init)(jax.random.PRNGKey(1), images[:1])["params"]
-    stage = train_loop.Stage(
-        name="tokenizer",
-        training=config.tokenizer_training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-        constants=perceptual,
-    )
+    stage = train_tokenizer.build_stage(config, perceptual).stage
     setup = train_loop.create_sharded_setup(config, stage)
     state = train_loop.init_state(setup, stage, seed=0)
     step = train_loop.jit_train_step(setup, stage)
@@ -71,7 +64,7 @@ def main():
     print(f"fp32 matmul peak (2048^2): {peak / 1e9:.0f} GFLOP/s")
     print(
         f"tokenizer {args.image_size}px batch {args.batch} "
-        f"(perceptual={'on' if trainer.use_perceptual else 'off'}, GAN+R1 on): "
+        f"(perceptual={'on' if perceptual is not None else 'off'}, GAN+R1 on): "
         f"{1 / best:.3f} steps/s, {step_flops / 1e9:.0f} GFLOP/step (XLA cost analysis), "
         f"{step_flops / best / 1e9:.0f} GFLOP/s = {100 * step_flops / best / peak:.0f}% of peak"
     )

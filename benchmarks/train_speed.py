@@ -1,6 +1,6 @@
 """Steps/s and model-FLOPs utilisation (MFU) of the transformer train step, imagenet256 model.
 
-The real step (`TransformerTrainer.train_step`, jitted by `train_loop.jit_train_step` with
+The real step (`train_transformer.build_stage`'s, jitted by `train_loop.jit_train_step` with
 the state donated) on one device, pre-tokenized batches {"tokens", "label"} so only the
 transformer is timed. Training FLOPs = 3 x forward matmul FLOPs (codebook logits only, as the
 step computes them). MFU is against this machine's dense-matmul peak of the same compute
@@ -58,13 +58,7 @@ def _batch(config, batch: int) -> dict[str, np.ndarray]:
 def time_train_step(batch: int, dtype: str, steps: int) -> float:
     """Seconds per step of the real donated train step (best of `steps`)."""
     config = _config(batch, dtype)
-    trainer = train_transformer.TransformerTrainer(config, None)
-    stage = train_loop.Stage(
-        name="transformer",
-        training=config.training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-    )
+    stage = train_transformer.build_stage(config).stage  # batches of tokens: no tokenizer
     mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
     setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
     state = train_loop.init_state(setup, stage, seed=0)
@@ -83,7 +77,7 @@ def time_train_step(batch: int, dtype: str, steps: int) -> float:
 def time_parts(batch: int, dtype: str, repeats: int) -> dict[str, float]:
     """Seconds of forward (no dropout / dropout) and forward+backward of the step's loss."""
     config = _config(batch, dtype)
-    trainer = train_transformer.TransformerTrainer(config, None)
+    trainer = train_transformer.build_stage(config).trainer
     params = sharding.strip_boxes(jax.jit(trainer.init_state)(jax.random.PRNGKey(0)).params)
     data = _batch(config, batch)
     tokens = jnp.asarray(data["tokens"].reshape(batch, -1))

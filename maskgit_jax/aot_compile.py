@@ -7,8 +7,8 @@ Answers "does this config fit, and how many FLOPs is a step" before any TPU is r
   PYTHONPATH=/opt/libtpu:. python -m maskgit_jax.aot_compile --config=configs/imagenet256.py \
       --topology=v5e:16x16 --config.mesh.shape="(16,16,1)" --pretokenized
 
-The step compiled is the real one: the stage's `train_step` jitted by
-`train_loop.jit_train_step` on the sharded setup of `train_loop.create_sharded_setup`, so
+The step compiled is the real one: the `Stage` of the stage's `build_stage` (the one
+training runs), jitted by `train_loop.jit_train_step` on `train_loop.create_sharded_setup`, so
 the state shardings (logical rules with FSDP fallback), the batch sharding and the donation
 of the state are those of training. The mesh is `sharding.create_mesh(config.mesh, devices=)`
 over the topology's devices, so `--config.mesh.shape` applies unchanged. Inputs are
@@ -229,52 +229,34 @@ def _batch_abstract(config, stage: str, pretokenized: bool, global_batch: int) -
     return {"image": image, "label": label}
 
 
-def build_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: bool):
-    """The `train_loop.Stage` training would build (state, step, constants), and model FLOPs.
+def _built_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: bool):
+    """The `stage`'s `build_stage`, as training calls it, on abstract constants; model FLOPs.
 
-    Model FLOPs are 3 x the transformer's forward matmul FLOPs over the global batch (codebook
-    logits only, as the step computes), or None for the tokenizer.
+    The constants are ShapeDtypeStructs: the frozen tokenizer of an image-batch transformer,
+    the VGG16 of the tokenizer's perceptual loss (their weights do not matter). Model FLOPs
+    are 3 x the transformer's forward matmul FLOPs over the global batch (codebook logits
+    only, as the step computes), or None for the tokenizer.
     """
     if stage == "transformer":
         from maskgit_jax.checkpoints import official as official_checkpoint
         from maskgit_jax.training import transformer as train_transformer
 
-        constants = None if pretokenized else official_checkpoint.abstract_tokenizer_params(config)
-        trainer = train_transformer.TransformerTrainer(config, constants)
-        built = train_loop.Stage(
-            name="transformer",
-            training=config.training,
-            init_state=trainer.init_state,
-            train_step=trainer.train_step,
-            constants=constants,
-        )
+        # The step's inputs are the batches this compiles for, not a pretokenized_dir's.
+        config = config.copy_and_resolve_references()
+        config.training.pretokenized_dir = ""
+        tokenizer = None if pretokenized else official_checkpoint.abstract_tokenizer_params(config)
+        built = train_transformer.build_stage(config, tokenizer)
         forward = flops.transformer_forward_flops(
             config, config.training.batch_size, num_logits=config.tokenizer.codebook_size
         )
-        return built, 3 * forward
-    if stage == "tokenizer":
-        from maskgit_jax.models.perceptual import abstract_vgg16_params
-        from maskgit_jax.training import tokenizer as train_tokenizer
+        return built.stage, 3 * forward
+    from maskgit_jax.models.perceptual import abstract_vgg16_params
+    from maskgit_jax.training import tokenizer as train_tokenizer
 
-        trainer = train_tokenizer.TokenizerTrainer(config)
-        built = train_loop.Stage(
-            name="tokenizer",
-            training=config.tokenizer_training,
-            init_state=trainer.init_state,
-            train_step=trainer.train_step,
-            # The frozen VGG16 of the perceptual loss, as shapes (its weights do not matter).
-            constants=abstract_vgg16_params() if trainer.use_perceptual else None,
-        )
-        return built, None
-    raise ValueError(f"--stage={stage!r}; use one of {STAGES}.")
-
-
-def _validate(config: ml_collections.ConfigDict) -> None:
-    """config_lib.validate, minus the need for a real tokenizer checkpoint or data."""
-    checked = config.copy_and_resolve_references()
-    with checked.unlocked():
-        checked.training.pretokenized_dir = checked.training.pretokenized_dir or "<aot>"
-    config_lib.validate(checked)
+    perceptual = None
+    if config.tokenizer_training.perceptual_weight > 0:
+        perceptual = abstract_vgg16_params()
+    return train_tokenizer.build_stage(config, perceptual).stage, None
 
 
 def compile_train_step(
@@ -285,10 +267,13 @@ def compile_train_step(
     hbm_gib: float | None = None,
 ) -> tuple[Any, AotReport]:
     """Lowers and compiles the sharded train step for `topology`; returns it and a report."""
-    _validate(config)
+    if stage not in STAGES:
+        raise ValueError(f"--stage={stage!r}; use one of {STAGES}.")
+    # Once, for the stage compiled; its inputs (tokenizer, data) are shapes here.
+    config_lib.validate(config, stages=(stage,), inputs=False)
     devices = topology_devices(topology)
     mesh = sharding.create_mesh(config.mesh, devices=devices)
-    built, model_flops = build_stage(config, stage, pretokenized)
+    built, model_flops = _built_stage(config, stage, pretokenized)
     setup = train_loop.create_sharded_setup(config, built, mesh=mesh)
     step_fn = train_loop.jit_train_step(setup, built)
     global_batch = built.training.batch_size

@@ -5,6 +5,8 @@ built from the sub-dicts (`config.tokenizer`, `config.transformer`), never from 
 config.
 """
 
+from collections.abc import Sequence
+
 import ml_collections
 
 # Spatial downsampling factor of the released tokenizer (4 average pools of stride 2).
@@ -13,9 +15,8 @@ TOKENIZER_DOWNSAMPLE = 16
 
 def base_config() -> ml_collections.ConfigDict:
     """Returns the ImageNet 256x256 configuration of the paper and released models."""
-    # Imported here so that building models (which uses the helpers below) needs no TF.
+    # Imported here, so that importing this module (config files do) loads no JAX or flax.
     from maskgit_jax import sharding
-    from maskgit_jax.data import input_pipeline
 
     c = ml_collections.ConfigDict()
     # Which stage `main` trains: "tokenizer" (VQGAN) or "transformer" (MaskGIT MVTM).
@@ -197,8 +198,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Samples per class in the grid (classes: the first min(num_classes, 10)).
     c.logging.samples_per_class = 4
 
-    # Input pipeline (see input_pipeline.default_dataset_config for every field).
-    c.dataset = input_pipeline.default_dataset_config()
+    # Input pipeline (see dataset_config for every field).
+    c.dataset = dataset_config()
     # Device mesh and logical-axis rules (see sharding.default_mesh_config).
     c.mesh = sharding.default_mesh_config()
 
@@ -218,6 +219,41 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def dataset_config() -> ml_collections.ConfigDict:
+    """The `dataset` section: the paper's ImageNet settings (see `data.input_pipeline`).
+
+    Defined here, not next to the TensorFlow pipeline, so that building a config imports no TF.
+    """
+    c = ml_collections.ConfigDict()
+    # Source: "imagenet2012", "digits" (bundled), "folder" (ImageFolder), or any tfds name.
+    c.name = "imagenet2012"
+    # The optional fields below default to None as typed placeholders, so that the command
+    # line can set them (`--config.dataset.folder=ROOT`); a plain None cannot be overridden.
+    # TFDS data directory; None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    # Directory with the imagenet2012 tars; None = <data_dir>/downloads/manual.
+    c.manual_dir = ml_collections.config_dict.placeholder(str)
+    # Root of the "folder" source, laid out as root/<split>/<class>/*.png|jpg.
+    c.folder = ml_collections.config_dict.placeholder(str)
+    # Split to train on (a plain split name, no slicing).
+    c.train_split = "train"
+    # Split to evaluate on; None = the first of validation, test, val that exists.
+    c.eval_split = ml_collections.config_dict.placeholder(str)
+    # Examples (undecoded) per randomly permuted block, per process (global if global_order).
+    c.shuffle_buffer = 10_000
+    # Train crops a random square of side min(h, w) (False: the center square).
+    c.random_crop = True
+    # Train flips horizontally with probability 1/2.
+    c.random_flip = True
+    # Batches prefetched by tf.data.
+    c.prefetch = 2
+    # Keep the process's undecoded train records in memory after the first epoch.
+    c.cache = False
+    # Global batches independent of the process count (every process reads the whole split).
+    c.global_order = False
+    return c
+
+
 def evaluation_config() -> ml_collections.ConfigDict:
     """The `evaluation` section: FID/IS of samples and rFID of reconstructions in training.
 
@@ -231,7 +267,8 @@ def evaluation_config() -> ml_collections.ConfigDict:
     e.reference_statistics = ""
     # Eval-split examples in a reference computed during training (0 = the whole split).
     e.reference_examples = 0
-    # Keep raw features in a computed reference, so that precision/recall are reported too.
+    # Keep raw features in a computed reference (or compute those of a given ADM batch's
+    # arr_0 images), so that precision/recall are reported too.
     e.keep_reference_features = False
     # Images sampled per FID evaluation of the transformer (labels 0..num_classes-1 repeated).
     e.num_samples = 10_000
@@ -280,23 +317,61 @@ def mask_token_id(config: ml_collections.ConfigDict) -> int:
 
 
 STAGES = ("tokenizer", "transformer", "both")
+# The training section of each stage that trains.
+TRAINING_SECTIONS = {"tokenizer": "tokenizer_training", "transformer": "training"}
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for config mistakes before anything is built or compiled."""
+def stages_to_train(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The stages a run of `config.stage` trains, in order ("both": tokenizer, transformer)."""
     if config.stage not in STAGES:
         raise ValueError(f"stage={config.stage!r} is unknown; use one of {STAGES}.")
+    return tuple(TRAINING_SECTIONS) if config.stage == "both" else (config.stage,)
+
+
+def validate(
+    config: ml_collections.ConfigDict,
+    stages: Sequence[str] | None = None,
+    *,
+    inputs: bool = True,
+) -> None:
+    """Raises ValueError for config mistakes of `stages`, before anything is built or compiled.
+
+    A run validates once, for every stage it will train: `stages` defaults to
+    `stages_to_train(config)`. `inputs=False` skips checking that the config names the run's
+    inputs (the transformer's tokenizer or tokens), for steps built from shapes (aot_compile).
+    """
+    if stages is None:
+        stages = stages_to_train(config)
+    unknown = set(stages) - set(TRAINING_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown stages {sorted(unknown)}; use {tuple(TRAINING_SECTIONS)}.")
     tokens_per_side(config)
     if config.num_classes < 1:
         raise ValueError(f"num_classes={config.num_classes} must be >= 1.")
-    for name in ("training", "tokenizer_training"):
-        training = config[name]
-        if training.compute_dtype not in ("float32", "bfloat16"):
-            raise ValueError(
-                f"{name}.compute_dtype={training.compute_dtype!r}; use float32 or bfloat16."
-            )
-        if training.batch_size < 1 or training.num_train_steps < 0:
-            raise ValueError(f"{name}.batch_size and num_train_steps must be positive.")
+    for stage in stages:
+        _validate_training(config, TRAINING_SECTIONS[stage])
+    if "tokenizer" in stages:
+        _validate_tokenizer_stage(config)
+    if "transformer" in stages:
+        _validate_transformer_stage(config, tokenizer_trained_first="tokenizer" in stages)
+        if inputs and "tokenizer" not in stages:
+            _validate_transformer_inputs(config)
+    _validate_evaluation(config)
+
+
+def _validate_training(config: ml_collections.ConfigDict, section: str) -> None:
+    """Checks what both stages' training sections share."""
+    training = config[section]
+    if training.compute_dtype not in ("float32", "bfloat16"):
+        raise ValueError(
+            f"{section}.compute_dtype={training.compute_dtype!r}; use float32 or bfloat16."
+        )
+    if training.batch_size < 1 or training.num_train_steps < 0:
+        raise ValueError(f"{section}.batch_size and num_train_steps must be positive.")
+
+
+def _validate_tokenizer_stage(config: ml_collections.ConfigDict) -> None:
+    """Checks the tokenizer stage's GAN settings."""
     if config.tokenizer_training.disc_steps < 1:
         raise ValueError("tokenizer_training.disc_steps must be >= 1.")
     if config.tokenizer_training.gan_loss not in ("non_saturating", "hinge"):
@@ -304,6 +379,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"tokenizer_training.gan_loss={config.tokenizer_training.gan_loss!r}; use "
             "'non_saturating' or 'hinge'."
         )
+
+
+def _validate_transformer_stage(
+    config: ml_collections.ConfigDict, tokenizer_trained_first: bool
+) -> None:
+    """Checks the transformer's shape and micro-batching, and its tokens in a `both` run."""
     if config.training.grad_accum_steps < 1:
         raise ValueError("training.grad_accum_steps must be >= 1.")
     if config.training.batch_size % config.training.grad_accum_steps:
@@ -316,14 +397,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"transformer.hidden_size={config.transformer.hidden_size} is not divisible by "
             f"num_heads={config.transformer.num_heads}."
         )
-    if config.stage == "transformer" and not (
-        config.training.tokenizer_checkpoint or config.training.pretokenized_dir
-    ):
+    if tokenizer_trained_first and config.training.pretokenized_dir:
+        raise ValueError(
+            "stage='both' trains the transformer on the tokenizer it has just trained, but "
+            f"training.pretokenized_dir={config.training.pretokenized_dir!r} holds tokens of "
+            "another tokenizer: clear it, or train stage='transformer' on those tokens."
+        )
+
+
+def _validate_transformer_inputs(config: ml_collections.ConfigDict) -> None:
+    """Checks that a transformer trained on its own names its tokenizer or tokens."""
+    if not (config.training.tokenizer_checkpoint or config.training.pretokenized_dir):
         raise ValueError(
             "stage='transformer' needs training.tokenizer_checkpoint (a pretrained directory or "
             "a tokenizer-stage workdir) or training.pretokenized_dir."
         )
-    _validate_evaluation(config)
 
 
 def _validate_evaluation(config: ml_collections.ConfigDict) -> None:

@@ -46,46 +46,31 @@ flags.mark_flags_as_required(["config", "workdir"])
 # Where `stage=both` trains each stage, under the workdir.
 TOKENIZER_SUBDIR = "tokenizer"
 TRANSFORMER_SUBDIR = "transformer"
-_TRAININGS = {"tokenizer": "tokenizer_training", "transformer": "training"}
-
-
-def _stages(config: ml_collections.ConfigDict) -> dict[str, str]:
-    if config.stage == "both":
-        return _TRAININGS
-    return {config.stage: _TRAININGS[config.stage]}
-
-
-def _check_both(config: ml_collections.ConfigDict) -> None:
-    if config.training.pretokenized_dir:
-        raise ValueError(
-            "stage='both' trains the transformer on the tokenizer it has just trained, but "
-            f"training.pretokenized_dir={config.training.pretokenized_dir!r} holds tokens of "
-            "another tokenizer: clear it, or train stage='transformer' on those tokens."
-        )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-    """Runs the stage(s) the config names, after checking every stage the run will train."""
+    """Runs the stage(s) the config names, after checking every stage the run will train.
+
+    The config is validated here, once for all of them; the stages do not validate again.
+    """
     config_lib.validate(config)
     workdir = paths.absolute(workdir)
-    if config.stage == "both":
-        _check_both(config)
     if in_training.enabled(config):
         # The transformer stage's metrics check this too, but only after a stage=both
         # tokenizer has trained.
         in_training.check_batch_split(config, jax.local_device_count())
-    train_loop.preflight(config, _stages(config))
+    train_loop.preflight(config, config_lib.stages_to_train(config))
     if config.stage == "tokenizer":
-        train_tokenizer.train_and_evaluate(config, workdir)
+        train_tokenizer.train_and_evaluate(config, workdir, validated=True)
     elif config.stage == "transformer":
-        train_transformer.train_and_evaluate(config, workdir)
+        train_transformer.train_and_evaluate(config, workdir, validated=True)
     else:
         _train_both(config, workdir)
 
 
 def _train_both(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
     tokenizer_dir = workdir / TOKENIZER_SUBDIR
-    state = train_tokenizer.train_and_evaluate(config, tokenizer_dir)
+    state = train_tokenizer.train_and_evaluate(config, tokenizer_dir, validated=True)
     done = int(jax.device_get(state.step))
     if done < config.tokenizer_training.num_train_steps:
         # Preempted: the tokenizer saved its step; the transformer needs the finished one.
@@ -97,7 +82,7 @@ def _train_both(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
         return
     config = config.copy_and_resolve_references()
     config.training.tokenizer_checkpoint = str(tokenizer_dir)
-    train_transformer.train_and_evaluate(config, workdir / TRANSFORMER_SUBDIR)
+    train_transformer.train_and_evaluate(config, workdir / TRANSFORMER_SUBDIR, validated=True)
 
 
 def main(argv):

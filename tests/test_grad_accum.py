@@ -48,13 +48,7 @@ def _batches(config, num_batches):
 def _train(grad_accum_steps, batches):
     """Runs one step per batch on one device; returns (per-step metrics, host state per step)."""
     config = _config(grad_accum_steps)
-    trainer = train_transformer.TransformerTrainer(config, None)
-    stage = train_loop.Stage(
-        name="transformer",
-        training=config.training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-    )
+    stage = train_transformer.build_stage(config).stage  # batches of tokens: no tokenizer
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
     state = train_loop.init_state(setup, stage, config.seed)
@@ -79,7 +73,7 @@ def test_micro_batches_hold_different_masked_counts(runs):
     """The test is only meaningful if a mean of micro-batch means would differ."""
     batches, _ = runs
     config = _config(4)
-    trainer = train_transformer.TransformerTrainer(config, None)
+    trainer = train_transformer.build_stage(config).trainer
     tokens = batches[0]["tokens"].reshape(config.training.batch_size, -1)
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
     _, mask = trainer._inputs(jax.random.fold_in(rng, 0), tokens, batches[0]["label"])

@@ -9,6 +9,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, PartitionSpec
 
+from maskgit_jax import config_lib
 from maskgit_jax.data import input_pipeline as ip
 from maskgit_jax.data.datasets import digits
 
@@ -22,7 +23,7 @@ def digits_dir(tmp_path_factory):
 
 
 def _digits_config(data_dir):
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.name = "digits"
     config.data_dir = data_dir
     return config
@@ -57,7 +58,7 @@ def _fake_stream(
     global_order=False,
 ):
     """Returns the label (= example index) order of a fake source's train stream."""
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.shuffle_buffer = 16
     ds = ip._train_dataset(
         _fake_source(num_examples),
@@ -193,7 +194,7 @@ def _folder_dataset(root):
 
 def test_folder_source(tmp_path):
     _folder_dataset(tmp_path)
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.name, config.folder, config.random_crop = "folder", str(tmp_path), True
     train, evals, info = ip.create_datasets(config, image_size=8, global_batch_size=7, seed=0)
     assert (info.num_classes, info.num_train_examples, info.eval_split) == (2, 7, "validation")
@@ -212,7 +213,7 @@ def test_folder_source(tmp_path):
 
 
 def test_folder_errors(tmp_path):
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.name = "folder"
     config.folder = str(tmp_path / "absent")
     with pytest.raises(FileNotFoundError, match="absent"):
@@ -227,7 +228,7 @@ def test_folder_errors(tmp_path):
 
 
 def test_imagenet_missing_tars(tmp_path):
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.data_dir = str(tmp_path)
     manual = os.path.join(str(tmp_path), "downloads", "manual")
     with pytest.raises(FileNotFoundError) as error:
@@ -247,7 +248,7 @@ def test_imagenet_missing_tars(tmp_path):
 
 
 def test_unknown_and_unprepared_names(tmp_path):
-    config = ip.default_dataset_config()
+    config = config_lib.dataset_config()
     config.data_dir = str(tmp_path)
     config.name = "no_such_dataset_xyz"
     with pytest.raises(ValueError, match="no_such_dataset_xyz.*digits"):

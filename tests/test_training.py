@@ -229,8 +229,7 @@ def test_default_rules_shard_an_odd_vocabulary_on_a_tensor_mesh(data_dir):
     config = tiny_config(data_dir, **{"mesh.shape": (1, 1, 8)})
     config.mesh.logical_axis_rules = sharding.default_mesh_config().logical_axis_rules
     assert config_lib.vocab_size(config) % 2 == 1
-    trainer = train_transformer.TransformerTrainer(config, None)
-    stage = train_loop.Stage("transformer", config.training, trainer.init_state, None)
+    stage = train_transformer.build_stage(config).stage
     setup = train_loop.create_sharded_setup(config, stage)
     state = train_loop.init_state(setup, stage, 0)
     table = state.params["Embed_0"]["word_embeddings"]["embedding"]

@@ -139,14 +139,7 @@ def train_steps(config, tokenizer_variables, batches, devices=None):
     from maskgit_jax.training import loop as train_loop
     from maskgit_jax.training import transformer as train_transformer
 
-    trainer = train_transformer.TransformerTrainer(config, tokenizer_variables)
-    stage = train_loop.Stage(
-        name="transformer",
-        training=config.training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-        constants=tokenizer_variables,
-    )
+    stage = train_transformer.build_stage(config, tokenizer_variables).stage
     mesh = sharding.create_mesh(config.mesh, devices)
     setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
     state = train_loop.init_state(setup, stage, config.seed)

@@ -55,38 +55,6 @@ NUM_MERGED_SLICES = 16
 tf.config.set_visible_devices([], "GPU")
 
 
-def default_dataset_config() -> ml_collections.ConfigDict:
-    """Returns `config.dataset`: the paper's ImageNet settings; see the module docstring."""
-    c = ml_collections.ConfigDict()
-    # Source: "imagenet2012", "digits" (bundled), "folder" (ImageFolder), or any tfds name.
-    c.name = "imagenet2012"
-    # The optional fields below default to None as typed placeholders, so that the command
-    # line can set them (`--config.dataset.folder=ROOT`); a plain None cannot be overridden.
-    # TFDS data directory; None = $TFDS_DATA_DIR or ~/tensorflow_datasets.
-    c.data_dir = ml_collections.config_dict.placeholder(str)
-    # Directory with the imagenet2012 tars; None = <data_dir>/downloads/manual.
-    c.manual_dir = ml_collections.config_dict.placeholder(str)
-    # Root of the "folder" source, laid out as root/<split>/<class>/*.png|jpg.
-    c.folder = ml_collections.config_dict.placeholder(str)
-    # Split to train on (a plain split name, no slicing).
-    c.train_split = "train"
-    # Split to evaluate on; None = the first of validation, test, val that exists.
-    c.eval_split = ml_collections.config_dict.placeholder(str)
-    # Examples (undecoded) per randomly permuted block, per process (global if global_order).
-    c.shuffle_buffer = 10_000
-    # Train crops a random square of side min(h, w) (False: the center square).
-    c.random_crop = True
-    # Train flips horizontally with probability 1/2.
-    c.random_flip = True
-    # Batches prefetched by tf.data.
-    c.prefetch = 2
-    # Keep the process's undecoded train records in memory after the first epoch.
-    c.cache = False
-    # Global batches independent of the process count (every process reads the whole split).
-    c.global_order = False
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class PipelineInfo:
     """What the training loop needs to know about the data it gets."""

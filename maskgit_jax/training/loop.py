@@ -6,8 +6,8 @@ owns everything else: the mesh, the Orbax manager, resuming, SIGTERM, NaN checks
 """
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import flax.linen as nn
 import jax
@@ -18,12 +18,13 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from maskgit_jax import paths, sharding
+from maskgit_jax import config_lib, paths, sharding
 from maskgit_jax.checkpoints import manager as checkpoints
 from maskgit_jax.data import input_pipeline
 
 PyTree = Any
 StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str, jax.Array]]]
+TrainerT = TypeVar("TrainerT")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -61,6 +62,18 @@ class Stage:
     on_sample: Callable[[PyTree, int, Any], None] | None = None
     export: Callable[[PyTree], None] | None = None
     batches: Callable[[int], Iterator[dict[str, np.ndarray]]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltStage(Generic[TrainerT]):
+    """What a stage's `build_stage` returns: its `Stage` (no periodic hooks) and its trainer.
+
+    Training, `aot_compile`, the benchmarks and the tests all build a stage this way, so they
+    compile one and the same step; `train_and_evaluate` adds the hooks (`dataclasses.replace`).
+    """
+
+    stage: Stage
+    trainer: TrainerT
 
 
 @dataclasses.dataclass
@@ -111,15 +124,15 @@ def create_sharded_setup(
     return ShardedSetup(mesh, rules, sharding.strip_boxes(boxed), shardings, constants_shardings)
 
 
-def preflight(config: ml_collections.ConfigDict, trainings: dict[str, str]) -> None:
-    """Checks, before any stage starts, what each stage of the run needs of the devices.
+def preflight(config: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
+    """Checks, before any stage starts, what each of the run's `stages` needs of the devices.
 
-    `trainings` maps stage names to their training sections (e.g. {"tokenizer":
-    "tokenizer_training", "transformer": "training"}). A `stage=both` run then fails on a
-    transformer batch the mesh cannot split before the tokenizer has trained for hours.
+    A `stage=both` run then fails on a transformer batch the mesh cannot split before the
+    tokenizer has trained for hours.
     """
     mesh = sharding.create_mesh(config.mesh)
-    for name, section in trainings.items():
+    for name in stages:
+        section = config_lib.TRAINING_SECTIONS[name]
         batch_size = config[section].batch_size
         try:
             sharding.check_batch_divisible(batch_size, mesh)

@@ -8,6 +8,7 @@ generator's parameter EMA (0.999) is used for evaluation and export. Every term 
 switched off by a zero weight; optional dead-code restarts re-seed unused codes.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -316,8 +317,9 @@ def evaluate_reconstruction(
 
 
 def _load_perceptual(config: ml_collections.ConfigDict) -> Any:
+    """The perceptual loss's VGG16 on the host, from its converted checkpoint (None if off)."""
     training = config.tokenizer_training
-    if not training.perceptual_weight:
+    if training.perceptual_weight <= 0:
         return None
     if not training.perceptual_checkpoint:
         raise ValueError(
@@ -328,13 +330,50 @@ def _load_perceptual(config: ml_collections.ConfigDict) -> Any:
     return jax.device_get(convert_perceptual.load_perceptual_params(training.perceptual_checkpoint))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TokenizerState:
-    """Trains the tokenizer in `workdir` (resuming) and exports it to workdir/pretrained."""
-    config_lib.validate(config)
+def build_stage(
+    config: ml_collections.ConfigDict, perceptual_params: Any | None = None
+) -> train_loop.BuiltStage[TokenizerTrainer]:
+    """The tokenizer stage as the loop trains it (hooks aside), and its trainer.
+
+    `perceptual_params`, the frozen VGG16 of the perceptual loss, is the step's constant
+    input: host arrays, or ShapeDtypeStructs to compile from shapes. It is required while
+    tokenizer_training.perceptual_weight > 0 and must be None when it is off.
+    """
+    trainer = TokenizerTrainer(config)
+    if trainer.use_perceptual and perceptual_params is None:
+        raise ValueError(
+            "tokenizer_training.perceptual_weight > 0: build_stage needs the VGG16 "
+            "perceptual_params (train_and_evaluate reads them from perceptual_checkpoint)."
+        )
+    if not trainer.use_perceptual and perceptual_params is not None:
+        raise ValueError(
+            "perceptual_params were given but tokenizer_training.perceptual_weight <= 0: the "
+            "step would never use them."
+        )
+    stage = train_loop.Stage(
+        name="tokenizer",
+        training=config.tokenizer_training,
+        init_state=trainer.init_state,
+        train_step=trainer.train_step,
+        constants=perceptual_params,
+    )
+    return train_loop.BuiltStage(stage, trainer)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False
+) -> TokenizerState:
+    """Trains the tokenizer in `workdir` (resuming) and exports it to workdir/pretrained.
+
+    `validated`: the caller has run `config_lib.validate` for its whole run (`main` does, once
+    for every stage); otherwise the config is validated here, for this stage.
+    """
+    if not validated:
+        config_lib.validate(config, stages=("tokenizer",))
     # rFID's Inception network is read once, before anything is trained.
     inception_fn = in_training.load_inception(config) if in_training.enabled(config) else None
-    perceptual_params = _load_perceptual(config)
-    trainer = TokenizerTrainer(config)
+    built = build_stage(config, _load_perceptual(config))
+    trainer = built.trainer
     workdir = paths.absolute(workdir)
     _, eval_ds, _ = input_pipeline.create_datasets(
         config.dataset,
@@ -376,13 +415,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Token
             overwrite=True,
         )
 
-    stage = train_loop.Stage(
-        name="tokenizer",
-        training=config.tokenizer_training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-        constants=perceptual_params,
-        on_eval=on_eval,
-        export=export,
-    )
+    stage = dataclasses.replace(built.stage, on_eval=on_eval, export=export)
     return train_loop.run(config, str(workdir), stage)

@@ -5,6 +5,7 @@ masked, cross-entropy with label smoothing on the masked positions only, AdamW w
 Tokens come from the frozen tokenizer inside the jitted step, or from a pre-tokenized copy.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -22,7 +23,7 @@ from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.data import images_io, input_pipeline, pretokenized
 from maskgit_jax.evaluation import in_training
 from maskgit_jax.models import build_tokenizer, build_transformer
-from maskgit_jax.sampling import sampler as sampling
+from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from maskgit_jax.training import loop as train_loop
 from maskgit_jax.training import masking, optimizers
 
@@ -62,14 +63,13 @@ def masked_token_loss(
 class TransformerTrainer:
     """Builds the transformer stage's state, step and periodic actions from a config."""
 
-    def __init__(self, config: ml_collections.ConfigDict, tokenizer_variables: Any | None):
+    def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
         self.training = config.training
         self.model = build_transformer(
             config, dtype=_compute_dtype(self.training), remat=self.training.remat
         )
         self.tokenizer = build_tokenizer(config)
-        self.tokenizer_variables = tokenizer_variables
         self.tx = optimizers.adamw_optimizer(self.training)
         self.codebook_size = config.tokenizer.codebook_size
         self.mask_token_id = config_lib.mask_token_id(config)
@@ -220,9 +220,52 @@ def _tokenizer_source(config: ml_collections.ConfigDict) -> epath.Path:
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains the transformer stage in `workdir` (resuming), with eval, samples and export."""
-    config_lib.validate(config)
+def build_stage(
+    config: ml_collections.ConfigDict, tokenizer_variables: Any | None = None
+) -> train_loop.BuiltStage[TransformerTrainer]:
+    """The transformer stage as the loop trains it (hooks aside), and its trainer.
+
+    With `tokenizer_variables` (host arrays, or ShapeDtypeStructs to compile from shapes) the
+    batches are images, tokenized inside the step by that frozen tokenizer, a constant input.
+    Without, the batches are tokens: training.pretokenized_dir's (which then feeds the loop),
+    or the caller's own.
+    """
+    pretokenized_dir = config.training.pretokenized_dir
+    if pretokenized_dir and tokenizer_variables is not None:
+        raise ValueError(
+            f"training.pretokenized_dir={pretokenized_dir!r}: the step takes its tokens, so "
+            "build_stage takes no tokenizer_variables."
+        )
+    batches = None
+    if pretokenized_dir:
+        batches = functools.partial(
+            pretokenized.train_batches,
+            pretokenized_dir,
+            global_batch_size=config.training.batch_size,
+            seed=config.seed,
+        )
+    trainer = TransformerTrainer(config)
+    stage = train_loop.Stage(
+        name="transformer",
+        training=config.training,
+        init_state=trainer.init_state,
+        train_step=trainer.train_step,
+        constants=tokenizer_variables,
+        batches=batches,
+    )
+    return train_loop.BuiltStage(stage, trainer)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False
+) -> TrainState:
+    """Trains the transformer stage in `workdir` (resuming), with eval, samples and export.
+
+    `validated`: the caller has run `config_lib.validate` for its whole run (`main` does, once
+    for every stage); otherwise the config is validated here, for this stage.
+    """
+    if not validated:
+        config_lib.validate(config, stages=("transformer",))
     workdir = paths.absolute(workdir)
     sample_quality = None
     if in_training.enabled(config):
@@ -233,10 +276,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             in_training.load_inception(config),
             dtype=_compute_dtype(config.training),
         )
-    use_pretokenized = bool(config.training.pretokenized_dir)
+    # The frozen tokenizer: samples and export need it even when the step takes tokens.
     tokenizer_variables = _load_tokenizer(config)
-    trainer = TransformerTrainer(config, tokenizer_variables)
-    sampler = sampling.MaskGITSampler(config, dtype=_compute_dtype(config.training))
+    pretokenized_run = bool(config.training.pretokenized_dir)
+    built = build_stage(config, None if pretokenized_run else tokenizer_variables)
+    trainer = built.trainer
+    # The grids' sampler: this process's devices, weights replaced at each grid.
+    grid_sampler = MaskGITPipeline(config, tokenizer_variables, None)
     _, eval_ds, _ = input_pipeline.create_datasets(
         config.dataset,
         image_size=config.image_size,
@@ -282,7 +328,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         # the parameters (gathered where they span processes); process 0 writes it.
         params = multihost.host_copy(trainer.sample_params(state))
         with multihost.local_context():
-            grid = sample_grid(config, sampler, tokenizer_variables, params, step)
+            grid_sampler.set_variables(transformer_variables={"params": params})
+            grid = sample_grid(grid_sampler, step)
         if jax.process_index() == 0:
             images_io.write_png(grid, workdir / "samples" / f"step_{step:08d}.png")
         writer.write_images(step, {"samples": grid[None]})
@@ -296,25 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             overwrite=True,
         )
 
-    batches = None
-    if use_pretokenized:
-        batches = functools.partial(
-            pretokenized.train_batches,
-            config.training.pretokenized_dir,
-            global_batch_size=config.training.batch_size,
-            seed=config.seed,
-        )
-    stage = train_loop.Stage(
-        name="transformer",
-        training=config.training,
-        init_state=trainer.init_state,
-        train_step=trainer.train_step,
-        constants=None if use_pretokenized else tokenizer_variables,
-        on_eval=on_eval,
-        on_sample=on_sample,
-        export=export,
-        batches=batches,
-    )
+    stage = dataclasses.replace(built.stage, on_eval=on_eval, on_sample=on_sample, export=export)
     setup = train_loop.create_sharded_setup(config, stage)
     mesh_holder["mesh"] = setup.mesh
     mesh_holder["tokenizer"] = tokenizer_variables
@@ -322,21 +351,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return train_loop.run(config, str(workdir), stage, setup=setup)
 
 
-def sample_grid(
-    config: ml_collections.ConfigDict,
-    sampler: sampling.MaskGITSampler,
-    tokenizer_variables: Any,
-    transformer_params: Any,
-    step: int,
-) -> np.ndarray:
-    """A [rows * H, cols * W, 3] grid: one row per class (up to 10), samples_per_class columns."""
+def sample_grid(pipe: MaskGITPipeline, step: int) -> np.ndarray:
+    """A [rows * H, cols * W, 3] grid: one row per class (up to 10), samples_per_class columns.
+
+    Drawn with the config's sampling options and the training compute dtype, from the key
+    `fold_in(PRNGKey(seed), step)`: a loaded export redraws the same grid.
+    """
+    config = pipe.config
     classes = min(config.num_classes, 10)
-    per_class = config.logging.samples_per_class
-    labels = np.repeat(np.arange(classes), per_class)
-    images = sampler.generate(
-        tokenizer_variables,
-        {"params": transformer_params},
-        labels,
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), step),
+    labels = np.repeat(np.arange(classes), config.logging.samples_per_class)
+    options = pipe.options(dtype=jnp.dtype(_compute_dtype(config.training)).name)
+    images = pipe.generate(
+        labels, jax.random.fold_in(jax.random.PRNGKey(config.seed), step), options
     )
     return images_io.make_grid(images, rows=classes)
