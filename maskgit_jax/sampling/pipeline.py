@@ -8,9 +8,11 @@ during training, and the benchmarks. Options are one validated `DecodeOptions`
 
 Keys are drawn one way everywhere: row i of a call with `row_offset=o` decodes with
 `fold_in(fold_in(rng, window), o + i)` (window 0 unless a canvas is larger than the
-transformer's grid). An image therefore depends on the key, its global row index, its label
-and the options only: not on the batch it came in, the chunking, the padding, the number of
-devices or of processes (a process sampling rows o..o+n of a list passes `row_offset=o`).
+transformer's grid). An image's tokens therefore depend on the key, its global row index, its
+label and the options only: not on the batch it came in, the chunking, the padding, the number
+of devices or of processes (a process sampling rows o..o+n of a list passes `row_offset=o`).
+Its pixels are those tokens decoded, equal up to float rounding where the rows per device
+differ.
 
 Batches are cut into chunks of at most `max_batch_size` rows (4,000 labels never become one
 jitted batch), padded to a multiple of the device count and sharded along a "batch" mesh axis;
