@@ -33,6 +33,11 @@ TESTS_REQUIRE = [
     "ipykernel>=6",
 ]
 
+# The PyTorch yardstick (benchmarks/pytorch_reference.py); not needed by the package or tests.
+BENCHMARKS_REQUIRE = [
+    "torch==2.13.0",
+]
+
 setuptools.setup(
     name="maskgit_jax",
     version="0.1.0",
@@ -41,5 +46,5 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["maskgit_jax", "maskgit_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TESTS_REQUIRE},
+    extras_require={"test": TESTS_REQUIRE, "benchmarks": BENCHMARKS_REQUIRE},
 )
