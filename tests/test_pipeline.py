@@ -297,9 +297,11 @@ def test_cli_writes_the_notebook_api_images_whatever_the_batch_size(pipe, checkp
     names = sorted(p.name for p in output.iterdir())
     assert names == ["00000_class0.png", "00001_class1.png", "00002_class3.png", "grid.png"]
     grid = np.asarray(Image.open(output / "grid.png"))
-    assert grid.shape == (8, 24, 3)
+    # 8x8 images enlarged 4x to 32x32 cells, 2-pixel gaps around them.
+    assert grid.shape == (2 + 32 + 2, 2 + 3 * (32 + 2), 3)
     expected = pipe.generate([0, 1, 3], jax.random.PRNGKey(0), num_steps=2, ordering="halton")
-    np.testing.assert_array_equal(grid[:, :8], images_io.to_uint8(expected[0]))
+    enlarged = images_io.to_uint8(expected[0]).repeat(4, axis=0).repeat(4, axis=1)
+    np.testing.assert_array_equal(grid[2:34, 2:34], enlarged)
     np.testing.assert_array_equal(grid, images_io.to_uint8(images_io.make_grid(expected, 1)))
 
 

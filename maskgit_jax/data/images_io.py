@@ -1,21 +1,79 @@
 """Image grids and PNG files for samples and reconstructions."""
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from etils import epath
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
+
+# Cells smaller than this many pixels per side are enlarged (nearest neighbour) in grids.
+MIN_CELL_SIZE = 32
 
 
-def make_grid(images: np.ndarray, rows: int) -> np.ndarray:
-    """Tiles images [N, H, W, C] (N divisible by rows) into one [rows*H, cols*W, C] image."""
-    images = np.asarray(images)
+def make_grid(
+    images: np.ndarray,
+    rows: int,
+    *,
+    row_labels: Sequence[str] | None = None,
+    gap: int | None = None,
+    background: float = 1.0,
+) -> np.ndarray:
+    """Tiles images [N, H, W, C] (N divisible by rows) into one float image a person can read.
+
+    Cells below `MIN_CELL_SIZE` pixels are enlarged by a whole factor (nearest neighbour, so
+    8x8 digits stay crisp), `gap` pixels of `background` (default: 1/16 of a cell, at least
+    2) separate neighbouring cells, and `row_labels` (one per row) are written in a margin on
+    the left. Returns [rows * cell + (rows + 1) * gap, ..., C] in the images' value range.
+    """
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C]; got shape {images.shape}.")
     count, height, width, channels = images.shape
-    if count % rows:
+    if rows < 1 or count % rows:
         raise ValueError(f"{count} images do not fill {rows} rows evenly.")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows.")
+    scale = max(1, -(-MIN_CELL_SIZE // max(height, width)))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    height, width = height * scale, width * scale
+    gap = max(2, min(height, width) // 16) if gap is None else gap
     cols = count // rows
-    grid = images.reshape(rows, cols, height, width, channels).transpose(0, 2, 1, 3, 4)
-    return grid.reshape(rows * height, cols * width, channels)
+    margin = _label_margin(row_labels, height) if row_labels is not None else 0
+    grid = np.full(
+        (rows * (height + gap) + gap, margin + cols * (width + gap) + gap, channels),
+        background,
+        np.float32,
+    )
+    for index, image in enumerate(images):
+        top = gap + (index // cols) * (height + gap)
+        left = margin + gap + (index % cols) * (width + gap)
+        grid[top : top + height, left : left + width] = image
+    if row_labels is not None:
+        for row, label in enumerate(row_labels):
+            top = gap + row * (height + gap)
+            grid[top : top + height, gap:margin] = _render_label(label, height, margin - gap)
+    return grid
+
+
+def _font(height: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=max(8, min(height // 2, 16)))
+
+
+def _label_margin(labels: Sequence[str], height: int) -> int:
+    """Pixels left of the first column: the widest label plus padding."""
+    font = _font(height)
+    widths = [font.getbbox(str(label))[2] for label in labels]
+    return max(widths, default=0) + 8
+
+
+def _render_label(label: str, height: int, width: int) -> np.ndarray:
+    """Dark text on white, [height, width, 1] floats in [0, 1], vertically centred."""
+    canvas = Image.new("L", (width, height), 255)
+    ImageDraw.Draw(canvas).text(
+        (2, height // 2), str(label), fill=0, font=_font(height), anchor="lm"
+    )
+    return (np.asarray(canvas, np.float32) / 255.0)[..., None]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -402,7 +402,11 @@ def train_and_evaluate(
         count = min(len(images), 8)
         if not count:
             return
-        grid = images_io.make_grid(np.concatenate([images[:count], recon[:count]]), rows=2)
+        grid = images_io.make_grid(
+            np.concatenate([images[:count], recon[:count]]),
+            rows=2,
+            row_labels=["input", "recon"],
+        )
         writer.write_images(step, {"reconstructions": grid[None]})
         if jax.process_index() == 0:
             images_io.write_png(grid, workdir / "samples" / f"reconstructions_{step:08d}.png")

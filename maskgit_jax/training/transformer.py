@@ -364,4 +364,6 @@ def sample_grid(pipe: MaskGITPipeline, step: int) -> np.ndarray:
     images = pipe.generate(
         labels, jax.random.fold_in(jax.random.PRNGKey(config.seed), step), options
     )
-    return images_io.make_grid(images, rows=classes)
+    return images_io.make_grid(
+        images, rows=classes, row_labels=[f"class {label}" for label in range(classes)]
+    )
