@@ -16,12 +16,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sample_speed
 from flax import linen as nn
 
 from maskgit_jax import config_lib
 from maskgit_jax.decoding import autoregressive as ar_sampling
 from maskgit_jax.models.autoregressive import build_autoregressive
-from maskgit_jax.sampling.pipeline import MaskGITPipeline
 
 
 def _time(fn, repeats):
@@ -60,12 +60,9 @@ def main():
         f"{t.num_layers} layers, {t.num_heads} heads, MLP {t.mlp_dim}, {args.dtype}"
     )
 
-    pipe = MaskGITPipeline.with_random_weights(config, max_batch_size=max(args.batch))
+    pipe = sample_speed.initialised_pipeline(config, max_batch_size=max(args.batch))
     ar_model = build_autoregressive(config, dtype=dtype)
     ids = jnp.zeros((1, config_lib.sequence_length(config)), jnp.int32)
-    pipe.set_variables(
-        transformer_variables=nn.unbox(jax.jit(pipe.transformer.init)(jax.random.PRNGKey(0), ids))
-    )
     ar_vars = nn.unbox(jax.jit(ar_model.init)(jax.random.PRNGKey(1), ids))
 
     for batch in args.batch:

@@ -34,6 +34,20 @@ def _best_time(fn, repeats):
     return best
 
 
+def initialised_pipeline(config, **kwargs) -> MaskGITPipeline:
+    """A pipeline of random weights whose transformer has its own initialisation.
+
+    `with_random_weights`' fill scale suits smoke tests; timings and bf16 agreement want the
+    transformer's real initialisation. `kwargs` go to `with_random_weights` (devices, ...).
+    """
+    pipe = MaskGITPipeline.with_random_weights(config, **kwargs)
+    ids = jnp.zeros((1, config_lib.sequence_length(config)), jnp.int32)
+    pipe.set_variables(
+        transformer_variables=nn.unbox(jax.jit(pipe.transformer.init)(jax.random.PRNGKey(0), ids))
+    )
+    return pipe
+
+
 def _class_inputs(labels: np.ndarray, config) -> jnp.ndarray:
     """Class token then all image tokens masked, as the sampler builds them."""
     masked = np.full(
@@ -61,12 +75,7 @@ def main():
     for name, peak in peaks.items():
         print(f"matmul peak {name} (2048^2, fp32 accumulation): {peak / 1e9:.0f} GFLOP/s")
 
-    pipe = MaskGITPipeline.with_random_weights(config, max_batch_size=max(args.batch))
-    # The transformer's own initialisation (the random fill's scale is for smoke tests only).
-    ids = _class_inputs(np.zeros(1, np.int32), config)
-    pipe.set_variables(
-        transformer_variables=nn.unbox(jax.jit(pipe.transformer.init)(jax.random.PRNGKey(0), ids))
-    )
+    pipe = initialised_pipeline(config, max_batch_size=max(args.batch))
     codebook = config.tokenizer.codebook_size
 
     rows = {}

@@ -15,37 +15,28 @@ machine state.
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytorch_reference
+import sample_speed
 import train_speed
-from flax import linen as nn
 
 from maskgit_jax import config_lib
-from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from maskgit_jax.training import flops
 
 
 def time_decode_step(batch: int, dtype: str, steps: int, repeats: int) -> float:
     """Seconds per decoding step of class-conditional generation (best of `repeats` runs)."""
     config = config_lib.base_config()
-    pipe = MaskGITPipeline.with_random_weights(config, devices=jax.devices()[:1])
-    ids = np.zeros((1, config_lib.sequence_length(config)), np.int32)
-    pipe.set_variables(
-        transformer_variables=nn.unbox(jax.jit(pipe.transformer.init)(jax.random.PRNGKey(0), ids))
-    )
+    pipe = sample_speed.initialised_pipeline(config, devices=jax.devices()[:1])
     labels = np.arange(batch) % config.num_classes
     options = pipe.options(num_steps=steps, dtype=dtype)
-    pipe.generate_tokens(labels, jax.random.PRNGKey(1), options)  # compiles
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        pipe.generate_tokens(labels, jax.random.PRNGKey(1), options)
-        best = min(best, time.perf_counter() - start)
-    return best / steps
+    seconds = train_speed.best_time(
+        lambda: pipe.generate_tokens(labels, jax.random.PRNGKey(1), options), repeats
+    )
+    return seconds / steps
 
 
 def main() -> None:

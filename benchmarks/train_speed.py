@@ -28,7 +28,7 @@ from maskgit_jax.training import loop as train_loop
 from maskgit_jax.training import transformer as train_transformer
 
 
-def _best_time(fn: Callable[[], object], repeats: int) -> float:
+def best_time(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of `fn()` (blocked) over `repeats` calls, after one warm-up call."""
     jax.block_until_ready(fn())
     best = float("inf")
@@ -71,7 +71,7 @@ def time_train_step(batch: int, dtype: str, steps: int) -> float:
             holder["state"], metrics = step_fn(holder["state"], data, None)
         return metrics["loss"]
 
-    return _best_time(one_step, steps)
+    return best_time(one_step, steps)
 
 
 def time_parts(batch: int, dtype: str, repeats: int) -> dict[str, float]:
@@ -101,9 +101,9 @@ def time_parts(batch: int, dtype: str, repeats: int) -> dict[str, float]:
     forward_train = jax.jit(lambda p: forward(p, False))
     grad = jax.jit(jax.value_and_grad(loss))
     return {
-        "forward (no dropout)": _best_time(lambda: forward_eval(params), repeats),
-        "forward (dropout)": _best_time(lambda: forward_train(params), repeats),
-        "forward+backward": _best_time(lambda: grad(params), repeats),
+        "forward (no dropout)": best_time(lambda: forward_eval(params), repeats),
+        "forward (dropout)": best_time(lambda: forward_train(params), repeats),
+        "forward+backward": best_time(lambda: grad(params), repeats),
     }
 
 

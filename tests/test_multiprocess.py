@@ -33,6 +33,8 @@ from tests.training_support import read_scalars, tiny_config, write_config_file
 pytest_plugins = ["tests.training_support"]
 
 NUM_PROCESSES = 2
+# CPU devices each process has (a 2x2x2 mesh over the 8 global devices).
+LOCAL_DEVICES = 4
 TOKENIZER_STEPS = 30
 TRANSFORMER_STEPS = 30
 # Checkpoints, held-out eval and sample grids every EVERY steps; FID/IS/rFID every 20.
@@ -102,7 +104,7 @@ def _free_slurm_job_id() -> int:
 
 def _process_environments(launcher: str) -> list[dict]:
     base = dict(os.environ)
-    base["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    base["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"
     base["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + base.get("PYTHONPATH", "")
     for name in [n for n in base if n.startswith(("SLURM_", "JAX_", "OMPI_", "TPU_"))]:
         del base[name]
@@ -207,8 +209,9 @@ def _assert_export_samples_the_written_grid(workdir):
     depend on the device count, but the VQ decoder's pixels can differ in float rounding
     (one uint8 level) when each device decodes a different number of rows.
     """
-    local_devices = jax.devices()[: 8 // NUM_PROCESSES]
-    pipe = MaskGITPipeline.from_pretrained(workdir / "pretrained", devices=local_devices)
+    pipe = MaskGITPipeline.from_pretrained(
+        workdir / "pretrained", devices=jax.devices()[:LOCAL_DEVICES]
+    )
     grid = train_transformer.sample_grid(pipe, TRANSFORMER_STEPS)
     written = np.asarray(
         Image.open(workdir / "samples" / f"step_{TRANSFORMER_STEPS:08d}.png").convert("RGB")
