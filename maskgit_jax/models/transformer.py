@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models.matmul import matmul
+
 Array = jax.Array
 
 LAYER_NORM_EPSILON = 1e-12
@@ -72,13 +74,10 @@ class Projection(nn.Module):
         bias = self.param(
             "bias", _logical(nn.initializers.zeros_init(), self.bias_axes), self.features
         )
-        contract = tuple(range(x.ndim - self.num_input_axes, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype),
-            kernel.astype(self.dtype),
-            ((contract, tuple(range(self.num_input_axes))), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
+        lead = x.shape[: x.ndim - self.num_input_axes]
+        flat = x.reshape(*lead, math.prod(input_shape))
+        y = matmul(flat, kernel.reshape(flat.shape[-1], -1), self.dtype)
+        y = y.reshape(*lead, *self.features)
         return y + bias
 
 
@@ -329,12 +328,7 @@ class MlmLayer(nn.Module):
         x = _dense(self.hidden_size, ("embed", "mlp"), "mlm_dense", self.dtype)(x)
         x = _layer_norm("mlm_ln")(nn.gelu(x))
         table = word_embeddings[:num_logits] if num_logits else word_embeddings
-        logits = jnp.einsum(
-            "bld,vd->blv",
-            x.astype(self.dtype),
-            table.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits = matmul(x, table, self.dtype, kernel_transposed=True)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return Bias(self.vocab_size, name="mlm_bias")(logits)
 
