@@ -10,7 +10,7 @@ from ml_collections import config_flags  # noqa: F401  (config files import ml_c
 
 from maskgit_jax import config_lib
 from maskgit_jax.checkpoints import official as official_checkpoint
-from maskgit_jax.models import MaskedTransformer, VQGANTokenizer, build_transformer
+from maskgit_jax.models import MaskedTransformer, VQGANTokenizer, attention, build_transformer
 from tests import helpers
 
 
@@ -177,12 +177,13 @@ def test_bf16_compute_keeps_fp32_params_and_close_logits():
     assert agreement > 0.9
 
 
-@pytest.mark.parametrize("heads_per_block", [1, 2])
-def test_attention_in_head_blocks_is_the_same_function(heads_per_block):
+@pytest.mark.parametrize("block_bytes", [4 * 17 * 17, 2 * 4 * 17 * 17, 4 * 4 * 17 * 17])
+def test_attention_in_byte_sized_blocks_is_the_same_function(block_bytes):
+    # 1 (example, head) pair, 2 pairs (2 heads), 4 pairs (4 heads x 1 example) per block.
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 21)
     variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
     whole = _tiny_transformer().apply(variables, ids)
-    blocked_model = _tiny_transformer().clone(attention_heads_per_block=heads_per_block)
+    blocked_model = _tiny_transformer().clone(attention_block_bytes=block_bytes)
     blocked = blocked_model.apply(variables, ids)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
     dropped = blocked_model.apply(
@@ -191,15 +192,46 @@ def test_attention_in_head_blocks_is_the_same_function(heads_per_block):
     assert np.abs(np.asarray(dropped - blocked)).max() > 1e-4
 
 
-def test_attention_blocks_must_divide_the_heads():
-    ids = jnp.zeros((1, 17), jnp.int32)
-    with pytest.raises(ValueError, match="heads_per_block=3 does not divide num_heads=4"):
-        _tiny_transformer().clone(attention_heads_per_block=3).init(jax.random.PRNGKey(0), ids)
+@pytest.mark.parametrize(
+    ("batch", "heads", "budget", "expected"),
+    [
+        (8, 16, attention.CPU_BLOCK_BYTES, (2, 4)),  # imagenet256 on CPU: 8 pairs of 257x257 scores
+        (64, 16, attention.CPU_BLOCK_BYTES, (2, 4)),  # the same blocks at batch 64
+        (3, 16, attention.CPU_BLOCK_BYTES, (1, 4)),  # examples per block divide the batch
+        (8, 6, attention.CPU_BLOCK_BYTES, (2, 3)),  # heads per block divide the heads
+        (8, 16, 1, (1, 1)),  # a budget below one pair still makes progress
+        (8, 16, None, (8, 16)),  # None: one block
+    ],
+)
+def test_attention_block_shape_fits_the_budget(batch, heads, budget, expected):
+    assert attention.block_shape(batch, heads, 257, 257, budget) == expected
 
 
-def test_build_transformer_blocks_heads_only_where_it_pays():
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_attention_is_the_same_function(dtype):
+    # jax.nn.dot_product_attention (cuDNN on GPU, XLA here) against the einsum core.
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 21)
+    variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
+    einsum = _tiny_transformer(dtype).apply(variables, ids)
+    fused_model = _tiny_transformer(dtype).clone(fused_attention=True)
+    fused = fused_model.apply(variables, ids)
+    tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+    np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), rtol=0, atol=tolerance)
+    # Attention dropout is not in the fused kernel: training keeps the einsum core.
+    rngs = {"dropout": jax.random.PRNGKey(2)}
+    dropped = fused_model.apply(variables, ids, deterministic=False, rngs=rngs)
+    expected = _tiny_transformer(dtype).apply(variables, ids, deterministic=False, rngs=rngs)
+    np.testing.assert_allclose(np.asarray(dropped), np.asarray(expected), rtol=0, atol=1e-6)
+
+
+def test_build_transformer_picks_attention_per_backend():
     config = config_lib.base_config()
-    expected = 2 if jax.default_backend() == "cpu" else None
-    assert build_transformer(config).attention_heads_per_block == expected
-    whole = build_transformer(config, attention_heads_per_block=None)
-    assert whole.attention_heads_per_block is None
+    on_cpu = build_transformer(config, backend="cpu")
+    assert (on_cpu.attention_block_bytes, on_cpu.fused_attention) == (
+        attention.CPU_BLOCK_BYTES,
+        False,
+    )
+    for backend in ("gpu", "tpu"):
+        model = build_transformer(config, backend=backend)
+        assert (model.attention_block_bytes, model.fused_attention) == (None, True)
+    assert build_transformer(config).fused_attention == (jax.default_backend() != "cpu")

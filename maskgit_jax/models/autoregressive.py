@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from maskgit_jax import config_lib
+from maskgit_jax.models.attention import multi_head_attention
 from maskgit_jax.models.transformer import (
     MlmLayer,
     Mlp,
     _dense,
     _layer_norm,
-    multi_head_attention,
     truncated_normal_init,
 )
 

@@ -10,13 +10,13 @@ float32, and each matmul casts its operands. Parameters stay float32.
 
 import functools
 import math
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models.attention import multi_head_attention
 from maskgit_jax.models.matmul import matmul
 
 Array = jax.Array
@@ -31,17 +31,6 @@ def truncated_normal_init(stddev: float = 0.02) -> nn.initializers.Initializer:
         return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
 
     return init
-
-
-def default_heads_per_block(num_heads: int) -> int | None:
-    """Attention head blocking for the default backend: 2 heads on CPU, all heads elsewhere.
-
-    Measured on a 2-core CPU (imagenet256 transformer, batch 8): blocks of 2 heads make the
-    forward pass about 20% faster; on TPU/GPU one einsum over all heads feeds the MXU best.
-    """
-    if jax.default_backend() == "cpu" and num_heads % 2 == 0 and num_heads > 2:
-        return 2
-    return None
 
 
 def _logical(init, names: tuple[str | None, ...]):
@@ -145,67 +134,19 @@ class Embed(nn.Module):
         return _constrain(x), word_embeddings.embedding
 
 
-def multi_head_attention(
-    query: Array,
-    key: Array,
-    value: Array,
-    *,
-    dtype: Any = jnp.float32,
-    heads_per_block: int | None = None,
-    allowed: Array | None = None,
-    dropout: Callable[[Array], Array] | None = None,
-) -> Array:
-    """softmax(q k^T) v for query [B, Q, H, D] and key/value [B, K, H, D] -> [B, Q, H, D].
-
-    Matmul operands are cast to `dtype`; scores, softmax and the context are float32.
-    `allowed` [Q, K] (True where a query may see a key) masks scores, `dropout` is applied to
-    the probabilities. The work is split into blocks of `heads_per_block` heads (None: one
-    block); see `SelfAttention` for why.
-    """
-    num_heads = query.shape[2]
-    block = heads_per_block or num_heads
-    if num_heads % block:
-        raise ValueError(f"heads_per_block={block} does not divide num_heads={num_heads}.")
-    query, key, value = (x.astype(dtype) for x in (query, key, value))
-    contexts = []
-    for first in range(0, num_heads, block):
-        heads = slice(first, first + block)
-        scores = jnp.einsum(
-            "bqhd,bkhd->bhqk",
-            query[:, :, heads],
-            key[:, :, heads],
-            preferred_element_type=jnp.float32,
-        )
-        if allowed is not None:
-            scores = jnp.where(allowed[None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if dropout is not None:
-            probs = dropout(probs)
-        contexts.append(
-            jnp.einsum(
-                "bhqk,bkhd->bqhd",
-                probs.astype(dtype),
-                value[:, :, heads],
-                preferred_element_type=jnp.float32,
-            )
-        )
-    return contexts[0] if len(contexts) == 1 else jnp.concatenate(contexts, axis=2)
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections (the released layout).
 
-    `heads_per_block` splits the score/softmax/context computation into independent blocks of
-    that many heads (None: all heads in one einsum, best on TPU and GPU). On CPU, blocks of 2
-    keep each [B, 2, L, L] score block in cache and let blocks run on separate cores, which
-    halves attention time (see `default_heads_per_block`). The function is the same either way.
+    `block_bytes` and `fused` choose how the attention core runs (see `models.attention`);
+    the function is the same either way.
     """
 
     num_heads: int
     hidden_size: int
     attention_dropout_rate: float
     dtype: Any = jnp.float32
-    heads_per_block: int | None = None
+    block_bytes: int | None = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -226,7 +167,8 @@ class SelfAttention(nn.Module):
             key,
             value,
             dtype=self.dtype,
-            heads_per_block=self.heads_per_block,
+            block_bytes=self.block_bytes,
+            fused=self.fused,
             dropout=None if dropout is None else functools.partial(dropout, deterministic=False),
         )
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
@@ -248,7 +190,8 @@ class Attention(nn.Module):
     dropout_rate: float
     attention_dropout_rate: float
     dtype: Any = jnp.float32
-    heads_per_block: int | None = None
+    block_bytes: int | None = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -257,7 +200,8 @@ class Attention(nn.Module):
             self.hidden_size,
             self.attention_dropout_rate,
             self.dtype,
-            self.heads_per_block,
+            self.block_bytes,
+            self.fused,
             name="self_attention",
         )(x, deterministic)
         attended = nn.Dropout(self.dropout_rate)(attended, deterministic=deterministic)
@@ -290,7 +234,8 @@ class TransformerLayer(nn.Module):
     dropout_rate: float
     attention_dropout_rate: float
     dtype: Any = jnp.float32
-    heads_per_block: int | None = None
+    block_bytes: int | None = None
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -300,7 +245,8 @@ class TransformerLayer(nn.Module):
             self.dropout_rate,
             self.attention_dropout_rate,
             self.dtype,
-            self.heads_per_block,
+            self.block_bytes,
+            self.fused,
         )(x, deterministic)
         return Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype)(x, deterministic)
 
@@ -351,8 +297,9 @@ class MaskedTransformer(nn.Module):
     attention_dropout_rate: float = 0.1
     dtype: Any = jnp.float32
     remat: bool = False
-    # Attention computed in blocks of this many heads (None: all at once); see SelfAttention.
-    attention_heads_per_block: int | None = None
+    # How the attention core runs (models.attention.default_attention picks per backend).
+    attention_block_bytes: int | None = None
+    fused_attention: bool = False
 
     @nn.compact
     def __call__(
@@ -372,7 +319,8 @@ class MaskedTransformer(nn.Module):
                 self.dropout_rate,
                 self.attention_dropout_rate,
                 self.dtype,
-                self.attention_heads_per_block,
+                self.attention_block_bytes,
+                self.fused_attention,
                 name=f"TransformerLayer_{i}",
             )(x, deterministic)
         return MlmLayer(self.hidden_size, self.vocab_size, self.dtype)(
