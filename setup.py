@@ -31,6 +31,14 @@ TESTS_REQUIRE = [
     "nbclient>=0.10",
     "nbformat>=5",
     "ipykernel>=6",
+    # tests/test_demo.py drives the demo page in headless Chromium (Debian's chromium and
+    # chromium-driver, which .ci/run installs).
+    "selenium>=4.51,<5",
+]
+
+# The local demo page (python -m maskgit_jax.demo).
+DEMO_REQUIRE = [
+    "gradio==6.31.0",
 ]
 
 # The PyTorch yardstick (benchmarks/pytorch_reference.py); not needed by the package or tests.
@@ -46,5 +54,9 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["maskgit_jax", "maskgit_jax.*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TESTS_REQUIRE, "benchmarks": BENCHMARKS_REQUIRE},
+    extras_require={
+        "test": TESTS_REQUIRE + DEMO_REQUIRE,
+        "demo": DEMO_REQUIRE,
+        "benchmarks": BENCHMARKS_REQUIRE,
+    },
 )

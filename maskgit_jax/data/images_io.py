@@ -94,5 +94,9 @@ def write_png(image: np.ndarray, path: str | epath.PathLike) -> epath.Path:
 def read_image(path: str | epath.PathLike) -> np.ndarray:
     """Reads an image file as float RGB [H, W, 3] in [0, 1]."""
     with epath.Path(path).open("rb") as f:
-        image = Image.open(f).convert("RGB")
-    return np.asarray(image, np.float32) / 255.0
+        return from_pil(Image.open(f))
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    """A PIL image of any mode as float RGB [H, W, 3] in [0, 1] (alpha dropped)."""
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0
