@@ -177,6 +177,16 @@ def build_page(pipe: MaskGITPipeline, max_images: int = 64, max_side: int | None
             elem_id=elem_id,
         )
 
+    def painted_request(task: str, prompt: str, class_name: str):
+        """The painter, class field and button of a tab that edits a painted upload."""
+        return (
+            painter(f"{task}_input", prompt),
+            gr.Number(
+                0, label=f"{class_name} ({class_hint})", precision=0, elem_id=f"{task}_class"
+            ),
+            gr.Button(task.capitalize(), variant="primary", elem_id=task),
+        )
+
     with gr.Blocks(title="MaskGIT demo", analytics_enabled=False) as page:
         gr.Markdown(
             f"# MaskGIT\n{num_classes} classes, {pipe.image_size}x{pipe.image_size} images "
@@ -293,11 +303,9 @@ def build_page(pipe: MaskGITPipeline, max_images: int = 64, max_side: int | None
         with gr.Tab("Inpaint"):
             with gr.Row():
                 with gr.Column():
-                    inpaint_input = painter("inpaint_input", "Upload, then paint what to redraw")
-                    inpaint_class = gr.Number(
-                        0, label=f"Class ({class_hint})", precision=0, elem_id="inpaint_class"
+                    inpaint_input, inpaint_class, inpaint_button = painted_request(
+                        "inpaint", "Upload, then paint what to redraw", "Class"
                     )
-                    inpaint_button = gr.Button("Inpaint", variant="primary", elem_id="inpaint")
                 inpainted = output_image("Inpainted", "inpainted")
 
         def inpaint(value: dict | None, label: float | None, *values) -> np.ndarray:
@@ -366,11 +374,9 @@ def build_page(pipe: MaskGITPipeline, max_images: int = 64, max_side: int | None
         with gr.Tab("Edit"):
             with gr.Row():
                 with gr.Column():
-                    edit_input = painter("edit_input", "Upload, then paint over the box to redraw")
-                    edit_class = gr.Number(
-                        0, label=f"Target class ({class_hint})", precision=0, elem_id="edit_class"
+                    edit_input, edit_class, edit_button = painted_request(
+                        "edit", "Upload, then paint over the box to redraw", "Target class"
                     )
-                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                     edit_box = gr.Textbox(label="Box redrawn (x0, y0, x1, y1)", interactive=False)
                 edited = output_image("Edited", "edited")
 
