@@ -60,21 +60,27 @@ TOKENIZER_OVERRIDES = ("tokenizer.", "tokenizer_training.", "image_size")
 TRAINING_VARIANTS = {
     "default": [],
     "half the steps": ["--config.training.num_train_steps=1000"],
-    "no label smoothing": ["--config.training.label_smoothing=0.0"],
     "label smoothing 0.1": ["--config.training.label_smoothing=0.1"],
+    "dropout 0.1": [
+        "--config.transformer.dropout_rate=0.1",
+        "--config.transformer.attention_dropout_rate=0.1",
+    ],
     "linear masking": ["--config.training.mask_schedule=linear"],
     "no EMA": ["--config.training.ema_decay=0.0"],
     "label dropout 0.1": ["--config.training.label_dropout=0.1"],
-    "no dropout": [
-        "--config.transformer.dropout_rate=0.0",
-        "--config.transformer.attention_dropout_rate=0.0",
-    ],
-    "4x4 tokens": [
+    "16px in 4x4 tokens": [
+        "--config.image_size=16",
         "--config.tokenizer.channel_multipliers=(1, 2, 2)",
-        "--config.sampling.num_steps=8",
     ],
-    "codebook 64": ["--config.tokenizer.codebook_size=64"],
+    "codebook 32": ["--config.tokenizer.codebook_size=32"],
     "codebook 256": ["--config.tokenizer.codebook_size=256"],
+}
+# Sampling options scored for a variant besides its config's (guidance needs label dropout).
+VARIANT_SAMPLING = {
+    "label dropout 0.1": {
+        "guidance 0.5": {"guidance_scale": 0.5},
+        "guidance 2": {"guidance_scale": 2.0},
+    },
 }
 
 
@@ -99,19 +105,19 @@ def sample_row(pipe, reference, name: str, seed: int, **options) -> digits_quali
     return reference.score(name, images, reference.train_labels)
 
 
-def score_model(pretrained: str, sweep_sampling: bool, seed: int, label: str = "") -> str:
-    """The table of one trained model: real, reconstructions, samples (one or a sweep)."""
+def score_model(pretrained: str, sampling: dict[str, dict], seed: int) -> str:
+    """The table of one trained model: real, reconstructions, samples at each of `sampling`."""
     pipe = MaskGITPipeline.from_pretrained(pretrained)
     reference = digits_quality.DigitsReference(pipe.config.image_size)
     real, train, rows = reference_rows(pipe, reference)
-    variants = SAMPLING_VARIANTS if sweep_sampling else {"config defaults": {}}
-    for name, options in variants.items():
-        rows.append(sample_row(pipe, reference, f"{label}samples, {name}", seed, **options))
+    for name, options in sampling.items():
+        rows.append(sample_row(pipe, reference, f"samples, {name}", seed, **dict(options)))
     sampling = pipe.config.sampling
     header = (
         f"{pretrained}: image {pipe.config.image_size}px, {pipe.grid_side}x{pipe.grid_side} "
         f"tokens, {pipe.codebook_size} codes; config sampling: T={sampling.num_steps}, "
-        f"choice temperature {sampling.choice_temperature}, temperature {sampling.temperature}"
+        f"choice temperature {sampling.choice_temperature}, temperature {sampling.temperature}, "
+        f"{sampling.get('ordering', 'confidence')} order"
     )
     return header + "\n" + digits_quality.format_table(rows, real, train)
 
@@ -174,11 +180,13 @@ def main() -> None:
             pretrained = train_variant(out, name, TRAINING_VARIANTS[name], default_dir)
             if name in names:
                 print(f"\n## {name}: {' '.join(TRAINING_VARIANTS[name]) or 'configs/digits.py'}")
-                print(score_model(str(pretrained), False, args.seed), flush=True)
+                sampling = {"config defaults": {}, **VARIANT_SAMPLING.get(name, {})}
+                print(score_model(str(pretrained), sampling, args.seed), flush=True)
         return
     if not args.pretrained:
         parser.error("--pretrained=DIR is needed unless --sweep=training.")
-    print(score_model(args.pretrained, args.sweep == "sampling", args.seed))
+    sampling = SAMPLING_VARIANTS if args.sweep == "sampling" else {"config defaults": {}}
+    print(score_model(args.pretrained, sampling, args.seed))
 
 
 if __name__ == "__main__":

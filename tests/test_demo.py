@@ -1,7 +1,8 @@
 """`python -m maskgit_jax.demo` as a user runs it, driven in a real headless Chromium.
 
-The checkpoint is the embedded default's architecture (configs/digits.py: 16x16 images, 4x4
-tokens of 4 pixels, 10 classes) with random weights, written by `save_pretrained` in seconds:
+The checkpoint is the embedded default's architecture (configs/digits.py) at 16x16 pixels in 4x4
+tokens of 4 pixels, so that a painted token and its margin are a visible region, with random
+weights, written by `save_pretrained` in seconds:
 the page's plumbing is what is tested, not the samples' quality. The browser tests skip where
 Debian's chromium and chromium-driver are not installed (`.ci/run` installs them).
 """
@@ -59,8 +60,10 @@ def _demo_command(checkpoint, port: int) -> list[str]:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A pretrained directory of the digits config with random weights."""
+    """A pretrained directory of the digits config at 16 px in 4-pixel tokens, random weights."""
     config = load_config_file("configs/digits.py")
+    config.image_size = 16
+    config.tokenizer.channel_multipliers = (1, 2, 2)
     pipe = MaskGITPipeline.with_random_weights(config, seed=0)
     to_host = functools.partial(jax.tree.map, np.asarray)
     directory = tmp_path_factory.mktemp("demo") / "pretrained"

@@ -86,6 +86,21 @@ def test_reconstruction_evaluation_reports_psnr_ssim_and_usage(gan_run):
     assert metrics["eval_perplexity"] >= 1.0
 
 
+def test_evaluation_of_images_smaller_than_the_ssim_window_omits_ssim():
+    config = load_config_file("configs/digits.py")
+    config.image_size = 8
+    config.tokenizer.update(filters=8, channel_multipliers=(1,), codebook_size=16)
+    config.tokenizer.embedding_dim = 8
+    trainer = train_tokenizer.TokenizerTrainer(config)
+    params = trainer.eval_params(jax.jit(trainer.init_state)(jax.random.PRNGKey(0)))
+    images = np.random.RandomState(0).rand(2, 8, 8, 3).astype(np.float32)
+    metrics, _, recon = train_tokenizer.evaluate_reconstruction(
+        trainer, params, [{"image": images}], 0
+    )
+    assert recon.shape == (2, 8, 8, 3)
+    assert "eval_ssim" not in metrics and 0.0 < metrics["eval_psnr"] < 100.0
+
+
 def test_perceptual_loss_without_weights_is_a_config_error(tmp_path):
     config = _config()
     config.tokenizer_training.perceptual_weight = 0.1

@@ -268,7 +268,7 @@ def evaluate_reconstruction(
     max_batches: int,
     inception_fn: Any | None = None,
 ) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """PSNR, SSIM and codebook usage over held-out batches; returns also the first batch pair.
+    """PSNR, SSIM (images of 11x11 or more) and code usage on held-out batches; the first pair.
 
     With `inception_fn` (images -> {"pool_3", ...}, e.g. `in_training.load_inception`), also
     "eval_rfid": the FID between the inputs' and the reconstructions' Inception features over
@@ -289,7 +289,8 @@ def evaluate_reconstruction(
         batch_recon, codes = jax.device_get(trainer.reconstruct(params, batch_images))
         images, recon = batch_images[keep], np.asarray(batch_recon)[keep]
         psnrs.append(reconstruction_metrics.psnr(recon, images, reduce=False))
-        ssims.append(reconstruction_metrics.ssim(recon, images, reduce=False))
+        if min(images.shape[1:3]) >= reconstruction_metrics.SSIM_WINDOW:
+            ssims.append(reconstruction_metrics.ssim(recon, images, reduce=False))
         ids.append(np.asarray(codes)[keep].reshape(-1))
         if rfid is not None:
             rfid.add(batch_images, batch_recon, keep)
@@ -304,10 +305,11 @@ def evaluate_reconstruction(
     )
     metrics = {
         "eval_psnr": float(np.mean(np.minimum(psnrs, 100.0))),
-        "eval_ssim": float(np.mean(ssims)),
         "eval_codebook_usage": usage,
         "eval_perplexity": perplexity,
     }
+    if len(ssims):  # Images smaller than SSIM's window (8x8 digits) have no SSIM.
+        metrics["eval_ssim"] = float(np.mean(ssims))
     if rfid is not None:
         metrics["eval_rfid"] = rfid.compute()
     if first is None:  # This process held only padding rows.
