@@ -37,3 +37,19 @@ def config_from_fixture(fixture: dict) -> ml_collections.ConfigDict:
         mlp_dim=fixture["intermediate"],
     )
     return config
+
+
+def save_random_pretrained(directory, config: ml_collections.ConfigDict):
+    """Writes a pretrained directory of `config` with random weights (seed 0); returns it."""
+    import jax
+    import numpy as np
+
+    from maskgit_jax.checkpoints import pretrained
+    from maskgit_jax.sampling.pipeline import MaskGITPipeline
+
+    pipe = MaskGITPipeline.with_random_weights(config, seed=0)
+    to_host = lambda tree: jax.tree.map(np.asarray, tree)  # noqa: E731
+    pretrained.save_pretrained(
+        directory, config, to_host(pipe.tokenizer_variables), to_host(pipe.transformer_variables)
+    )
+    return directory

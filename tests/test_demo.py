@@ -7,7 +7,6 @@ the page's plumbing is what is tested, not the samples' quality. The browser tes
 Debian's chromium and chromium-driver are not installed (`.ci/run` installs them).
 """
 
-import functools
 import io
 import json
 import os
@@ -18,15 +17,12 @@ import sys
 import time
 import urllib.request
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from maskgit_jax.checkpoints import pretrained
-from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from tests.conftest import REPO_ROOT
-from tests.helpers import load_config_file
+from tests.helpers import load_config_file, save_random_pretrained
 
 # Seconds the demo may take to start serving, and a request to come back.
 START_S = 240
@@ -64,13 +60,7 @@ def checkpoint(tmp_path_factory):
     config = load_config_file("configs/digits.py")
     config.image_size = 16
     config.tokenizer.channel_multipliers = (1, 2, 2)
-    pipe = MaskGITPipeline.with_random_weights(config, seed=0)
-    to_host = functools.partial(jax.tree.map, np.asarray)
-    directory = tmp_path_factory.mktemp("demo") / "pretrained"
-    pretrained.save_pretrained(
-        directory, config, to_host(pipe.tokenizer_variables), to_host(pipe.transformer_variables)
-    )
-    return directory
+    return save_random_pretrained(tmp_path_factory.mktemp("demo") / "pretrained", config)
 
 
 def _free_port() -> int:

@@ -1,19 +1,15 @@
 """The digits quality judges (`evaluation.digits_quality`) and `benchmarks/digits_quality.py`."""
 
-import functools
 import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
-from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.evaluation import digits_quality
-from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from tests.conftest import REPO_ROOT
-from tests.helpers import load_config_file
+from tests.helpers import load_config_file, save_random_pretrained
 
 
 def test_features_pool_each_digit_pixel_back_exactly():
@@ -75,14 +71,8 @@ def test_class_means_score_as_collapsed_and_copies_as_copies(reference):
 @pytest.fixture(scope="module")
 def random_digits_model(tmp_path_factory):
     """A pretrained directory of the digits config with random weights."""
-    config = load_config_file("configs/digits.py")
-    pipe = MaskGITPipeline.with_random_weights(config, seed=0)
-    to_host = functools.partial(jax.tree.map, np.asarray)
     directory = tmp_path_factory.mktemp("digits_quality") / "pretrained"
-    pretrained.save_pretrained(
-        directory, config, to_host(pipe.tokenizer_variables), to_host(pipe.transformer_variables)
-    )
-    return directory
+    return save_random_pretrained(directory, load_config_file("configs/digits.py"))
 
 
 def test_benchmark_prints_the_table_of_a_model(random_digits_model):
