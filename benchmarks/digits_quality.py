@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from maskgit_jax.evaluation import digits_quality
 from maskgit_jax.sampling.pipeline import MaskGITPipeline
@@ -91,7 +92,12 @@ VARIANT_SAMPLING = {
 
 
 def reference_rows(pipe: MaskGITPipeline, reference: digits_quality.DigitsReference):
-    """The real digits and the tokenizer's reconstructions of both splits."""
+    """The real digits, the tokenizer's reconstructions of both splits, and a diagnostic.
+
+    The diagnostic decodes training token grids whose every position is taken from another
+    digit of the same class: right per-position statistics, no agreement between positions,
+    which shows how the decoder renders inconsistent grids.
+    """
     real, train = reference.real_rows()
     rows = [real, train]
     for name, images, labels in (
@@ -100,6 +106,21 @@ def reference_rows(pipe: MaskGITPipeline, reference: digits_quality.DigitsRefere
     ):
         rebuilt = pipe.decode_tokens(pipe.encode(images))
         rows.append(reference.score(name, rebuilt, labels))
+    tokens = pipe.encode(reference.train_images)
+    labels = reference.train_labels
+    mixed = tokens.reshape(len(tokens), -1).copy()
+    rng = np.random.default_rng(0)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        for position in range(mixed.shape[1]):
+            mixed[members, position] = mixed[rng.permutation(members), position]
+    rows.append(
+        reference.score(
+            "training tokens mixed per position within a class",
+            pipe.decode_tokens(mixed.reshape(tokens.shape)),
+            labels,
+        )
+    )
     return real, train, rows
 
 
