@@ -99,15 +99,14 @@ def reference_rows(pipe: MaskGITPipeline, reference: digits_quality.DigitsRefere
     which shows how the decoder renders inconsistent grids.
     """
     real, train = reference.real_rows()
-    rows = [real, train]
-    for name, images, labels in (
-        ("reconstructions of training digits", reference.train_images, reference.train_labels),
-        ("reconstructions of held-out digits", reference.test_images, reference.test_labels),
-    ):
-        rebuilt = pipe.decode_tokens(pipe.encode(images))
-        rows.append(reference.score(name, rebuilt, labels))
-    tokens = pipe.encode(reference.train_images)
-    labels = reference.train_labels
+    tokens, labels = pipe.encode(reference.train_images), reference.train_labels
+    held_out = pipe.decode_tokens(pipe.encode(reference.test_images))
+    rows = [
+        real,
+        train,
+        reference.score("reconstructions of training digits", pipe.decode_tokens(tokens), labels),
+        reference.score("reconstructions of held-out digits", held_out, reference.test_labels),
+    ]
     mixed = tokens.reshape(len(tokens), -1).copy()
     rng = np.random.default_rng(0)
     for label in np.unique(labels):
