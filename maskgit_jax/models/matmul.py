@@ -41,6 +41,22 @@ def _dot(x: Array, kernel: Array, kernel_contracting: int) -> Array:
     )
 
 
+def _weight_gradient(left: Array, right: Array) -> Array:
+    """The kernel gradient: left [R, L, F] and right [R, L, M] contracted over R and L -> [F, M].
+
+    bf16 operands contract both leading axes (XLA:CPU's bf16 matmul path, see `matmul`).
+    float32 operands are flattened to 2-D first: with two contracted axes XLA:CPU wrote the
+    left operand transposed inside its producer's fusion (the GELU's), a strided write that
+    cost the digits train step more than the layer's matmuls (step 0.205 -> 0.178 s flat).
+    """
+    if left.dtype == jnp.float32:
+        left, right = (x.reshape(-1, x.shape[-1]) for x in (left, right))
+        dims = (((0,), (0,)), ((), ()))
+    else:
+        dims = (((0, 1), (0, 1)), ((), ()))
+    return jax.lax.dot_general(left, right, dims, preferred_element_type=jnp.float32)
+
+
 @functools.cache
 def _matmul_fn(dtype: jnp.dtype, x_dtype: jnp.dtype, kernel_dtype: jnp.dtype, transposed: bool):
     """The custom-VJP matmul for one (compute, input, kernel) dtype triple and kernel layout."""
@@ -58,11 +74,8 @@ def _matmul_fn(dtype: jnp.dtype, x_dtype: jnp.dtype, kernel_dtype: jnp.dtype, tr
         x_c, kernel_c = residuals
         grad_c = grad.astype(dtype)
         grad_x = _dot(grad_c, kernel_c, kernel_out)
-        rows_and_length = (((0, 1), (0, 1)), ((), ()))
         operands = (grad_c, x_c) if transposed else (x_c, grad_c)
-        grad_kernel = jax.lax.dot_general(
-            *operands, rows_and_length, preferred_element_type=jnp.float32
-        )
+        grad_kernel = _weight_gradient(*operands)
         return grad_x.astype(x_dtype), grad_kernel.astype(kernel_dtype)
 
     fn.defvjp(forward, backward)
