@@ -1,4 +1,4 @@
-"""Steps/s and model-FLOPs utilisation (MFU) of the transformer train step, imagenet256 model.
+"""Steps/s and model-FLOPs utilisation (MFU) of the transformer train step (imagenet256 model).
 
 The real step (`train_transformer.build_stage`'s, jitted by `train_loop.jit_train_step` with
 the state donated) on one device, pre-tokenized batches {"tokens", "label"} so only the
@@ -10,10 +10,14 @@ accumulation, as the model's matmuls). Target on CPU: >= 40%.
 `--breakdown` also times the forward alone (with and without dropout) and forward+backward,
 which shows where a step's time goes beyond its matmuls.
 
+`--config=configs/digits.py` times another config's transformer (the embedded default's train
+step: `--config=configs/digits.py --batch 32 --dtypes float32`).
+
   PYTHONPATH=. python benchmarks/train_speed.py [--batch 8] [--steps 3] [--breakdown]
 """
 
 import argparse
+import importlib.util
 import os
 import time
 from collections.abc import Callable
@@ -39,8 +43,14 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def _config(batch: int, dtype: str):
+def _config(batch: int, dtype: str, config_path: str | None = None):
+    """`config_path`'s config (a file with `get_config()`), else the imagenet256 defaults."""
     config = config_lib.base_config()
+    if config_path:
+        spec = importlib.util.spec_from_file_location("benchmarked_config", config_path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config()
     config.training.batch_size = batch
     config.training.compute_dtype = dtype
     config.mesh.shape = (1, 1, 1)
@@ -55,9 +65,9 @@ def _batch(config, batch: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens.astype(np.int16), "label": labels.astype(np.int32)}
 
 
-def time_train_step(batch: int, dtype: str, steps: int) -> float:
+def time_train_step(batch: int, dtype: str, steps: int, config_path: str | None = None) -> float:
     """Seconds per step of the real donated train step (best of `steps`)."""
-    config = _config(batch, dtype)
+    config = _config(batch, dtype, config_path)
     stage = train_transformer.build_stage(config).stage  # batches of tokens: no tokenizer
     mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
     setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
@@ -74,9 +84,11 @@ def time_train_step(batch: int, dtype: str, steps: int) -> float:
     return best_time(one_step, steps)
 
 
-def time_parts(batch: int, dtype: str, repeats: int) -> dict[str, float]:
+def time_parts(
+    batch: int, dtype: str, repeats: int, config_path: str | None = None
+) -> dict[str, float]:
     """Seconds of forward (no dropout / dropout) and forward+backward of the step's loss."""
-    config = _config(batch, dtype)
+    config = _config(batch, dtype, config_path)
     trainer = train_transformer.build_stage(config).trainer
     params = sharding.strip_boxes(jax.jit(trainer.init_state)(jax.random.PRNGKey(0)).params)
     data = _batch(config, batch)
@@ -114,16 +126,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (best is kept)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--breakdown", action="store_true", help="also time fwd / fwd+bwd")
+    parser.add_argument("--config", default=None, help="config file (default: imagenet256)")
     args = parser.parse_args()
 
-    config = _config(args.batch, "float32")
+    config = _config(args.batch, "float32", args.config)
     forward = flops.transformer_forward_flops(
         config, args.batch, num_logits=config.tokenizer.codebook_size
     )
     train_flops = 3 * forward
     print(f"devices: {jax.devices()[:1]}; load average {os.getloadavg()}")
     print(
-        f"imagenet256 transformer, batch {args.batch} x {config_lib.sequence_length(config)} "
+        f"{args.config or 'imagenet256'} transformer, batch {args.batch} x "
+        f"{config_lib.sequence_length(config)} "
         f"tokens: forward {forward / 1e9:.1f} GFLOP, train step {train_flops / 1e9:.1f} GFLOP"
     )
     # The peak is measured right before and after each dtype's step timing, and the higher
@@ -132,7 +146,7 @@ def main() -> None:
     rows = []
     for name in args.dtypes:
         before = flops.measure_matmul_peak(jnp.dtype(name))
-        seconds = time_train_step(args.batch, name, args.steps)
+        seconds = time_train_step(args.batch, name, args.steps, args.config)
         after = flops.measure_matmul_peak(jnp.dtype(name))
         peaks[name] = max(before, after)
         print(
@@ -141,7 +155,7 @@ def main() -> None:
             flush=True,
         )
         print(f"{name}: {seconds:.3f} s/step (load average {os.getloadavg()})", flush=True)
-        parts = time_parts(args.batch, name, args.steps) if args.breakdown else {}
+        parts = time_parts(args.batch, name, args.steps, args.config) if args.breakdown else {}
         for part, part_seconds in parts.items():
             print(f"{name}: {part} {part_seconds:.3f} s", flush=True)
         rows.append((name, seconds, parts))

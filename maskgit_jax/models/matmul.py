@@ -47,7 +47,8 @@ def _weight_gradient(left: Array, right: Array) -> Array:
     bf16 operands contract both leading axes (XLA:CPU's bf16 matmul path, see `matmul`).
     float32 operands are flattened to 2-D first: with two contracted axes XLA:CPU wrote the
     left operand transposed inside its producer's fusion (the GELU's), a strided write that
-    cost the digits train step more than the layer's matmuls (step 0.205 -> 0.178 s flat).
+    cost more than the layer's matmuls; flat, the digits train step (batch 64) runs 0.219 ->
+    0.180 s (`benchmarks/train_speed.py --config=configs/digits.py`).
     """
     if left.dtype == jnp.float32:
         left, right = (x.reshape(-1, x.shape[-1]) for x in (left, right))
