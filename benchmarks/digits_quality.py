@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 # act in the confidence order, so those rows set it.
 SAMPLING_VARIANTS = {
     "config defaults": {},
-    "steps 4": {"num_steps": 4},
+    "steps 8": {"num_steps": 8},
+    "steps 12": {"num_steps": 12},
     "steps 16": {"num_steps": 16},
     "temperature 0.8": {"temperature": 0.8},
     "temperature 1.2": {"temperature": 1.2},
@@ -66,7 +67,11 @@ SAMPLING_VARIANTS = {
 TOKENIZER_OVERRIDES = ("tokenizer.", "tokenizer_training.", "image_size")
 TRAINING_VARIANTS = {
     "default": [],
-    "half the steps": ["--config.training.num_train_steps=1000"],
+    "half the steps": ["--config.training.num_train_steps=3000"],
+    "batch 64 for half the steps": [
+        "--config.training.batch_size=64",
+        "--config.training.num_train_steps=3000",
+    ],
     "no label smoothing": ["--config.training.label_smoothing=0.0"],
     "dropout 0.1": [
         "--config.transformer.dropout_rate=0.1",
