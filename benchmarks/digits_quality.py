@@ -72,6 +72,10 @@ TRAINING_VARIANTS = {
         "--config.training.batch_size=64",
         "--config.training.num_train_steps=3000",
     ],
+    "batch 64 for 2000 steps": [
+        "--config.training.batch_size=64",
+        "--config.training.num_train_steps=2000",
+    ],
     "no label smoothing": ["--config.training.label_smoothing=0.0"],
     "dropout 0.1": [
         "--config.transformer.dropout_rate=0.1",
