@@ -23,9 +23,10 @@ def matmul(
     """Returns x [..., K] @ kernel [K, M] (or kernel [M, K], transposed) as float32 [..., M].
 
     Operands, and in the backward pass the cotangent, are cast to `dtype`. Leading axes are
-    folded to [rows, length] so each weight gradient contracts two axes straight into the
+    folded to [rows, length] so a bf16 weight gradient contracts two axes straight into the
     kernel's own layout: forms XLA:CPU keeps on its bf16 matmul path (a single contracted row
     axis, or a gradient transposed afterwards, is turned into a float32 or unsupported dot).
+    float32 weight gradients contract one flattened axis instead (`_weight_gradient`).
     """
     *lead, features = x.shape
     rows, length = (lead[0], math.prod(lead[1:])) if len(lead) >= 2 else (1, math.prod(lead))
