@@ -45,12 +45,13 @@ def best_time(fn: Callable[[], object], repeats: int) -> float:
 
 def _config(batch: int, dtype: str, config_path: str | None = None):
     """`config_path`'s config (a file with `get_config()`), else the imagenet256 defaults."""
-    config = config_lib.base_config()
     if config_path:
         spec = importlib.util.spec_from_file_location("benchmarked_config", config_path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         config = module.get_config()
+    else:
+        config = config_lib.base_config()
     config.training.batch_size = batch
     config.training.compute_dtype = dtype
     config.mesh.shape = (1, 1, 1)
