@@ -8,7 +8,6 @@ in float32; matmul outputs, the residual stream (LayerNorm outputs), GELU and so
 float32, and each matmul casts its operands. Parameters stay float32.
 """
 
-import functools
 import math
 from typing import Any
 
@@ -159,9 +158,12 @@ class SelfAttention(nn.Module):
         query = projection("query") / math.sqrt(head_dim)
         key = projection("key")
         value = projection("value")
-        dropout = None
+        keep = None
         if not deterministic and self.attention_dropout_rate > 0:
-            dropout = nn.Dropout(self.attention_dropout_rate, broadcast_dims=(0,))
+            # One mask per head, shared by the batch's examples (the released layout).
+            shape = (self.num_heads, x.shape[1], x.shape[1])
+            keep_rate = 1.0 - self.attention_dropout_rate
+            keep = jax.random.bernoulli(self.make_rng("dropout"), keep_rate, shape)
         context = multi_head_attention(
             query,
             key,
@@ -169,7 +171,8 @@ class SelfAttention(nn.Module):
             dtype=self.dtype,
             block_bytes=self.block_bytes,
             fused=self.fused,
-            dropout=None if dropout is None else functools.partial(dropout, deterministic=False),
+            dropout_keep=keep,
+            dropout_rate=self.attention_dropout_rate,
         )
         context = nn.with_logical_constraint(context, ("batch", "length", "heads", "kv"))
         return _dense(
