@@ -44,7 +44,11 @@ from maskgit_jax import config_lib, paths, sharding, validation
 from maskgit_jax.checkpoints import official as official_checkpoint
 from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.decoding import core, orders
-from maskgit_jax.decoding.logits import CodebookLogits, cast_matmul_kernels
+from maskgit_jax.decoding.logits import (
+    CodebookLogits,
+    cast_matmul_kernels,
+    rows_per_transformer_call,
+)
 from maskgit_jax.decoding.options import DecodeOptions
 from maskgit_jax.models import build_tokenizer, build_transformer
 from maskgit_jax.sampling import editing
@@ -239,6 +243,12 @@ class MaskGITPipeline:
                 self.mask_token_id,
                 top_k=top_k,
                 guided=options.guided,
+                rows_per_device=rows_per_transformer_call(
+                    config_lib.sequence_length(self.config),
+                    self.config.transformer.mlp_dim,
+                    self.mesh.devices.flat[0].platform,
+                ),
+                num_devices=self.num_devices,
             )
         return self._logits_fns[key]
 
