@@ -224,13 +224,22 @@ def test_inpaint_keeps_the_unmasked_area(page, tmp_path):
     _open_tab(page, "Inpaint")
     _upload(page, "inpaint_input", tmp_path / "digit.png")
 
+    readings = []
+
     def fitted_zoom(d):
-        """The editor's zoom once it has fitted the 16-pixel upload to its canvas."""
+        """The editor's zoom once it has fitted the 16-pixel upload to its canvas and settled.
+
+        A starved browser shows the zoom mid-animation; a stroke placed at that scale lands
+        elsewhere, so the value must read the same on two polls in a row.
+        """
         shown = d.find_elements(By.CSS_SELECTOR, "#inpaint_input .zoom-number span")
         text = shown[0].text if shown else ""
-        return text.endswith("%") and text != "100%" and float(text.rstrip("%")) / 100
+        readings.append(text)
+        settled = len(readings) >= 2 and readings[-2] == text
+        fitted = text.endswith("%") and text != "100%"
+        return settled and fitted and float(text.rstrip("%")) / 100
 
-    scale = WebDriverWait(page, 30, poll_frequency=0.2).until(fitted_zoom)
+    scale = WebDriverWait(page, 30, poll_frequency=0.3).until(fitted_zoom)
     canvas = page.find_element(By.CSS_SELECTOR, "#inpaint_input .pixi-target canvas")
 
     def offset(x: float, y: float) -> tuple[int, int]:
