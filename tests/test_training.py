@@ -503,6 +503,24 @@ def test_sigterm_on_a_checkpoint_step_saves_once_and_exits(tmp_path, data_dir):
     assert checkpoint_steps(tmp_path)[-1] == 10
 
 
+def test_preemption_on_an_eval_step_runs_that_eval_before_exiting(tmp_path, data_dir):
+    # The signal arrives during step 2's eval, so the loop stops at step 3 (evals every step).
+    # The resumed run starts after step 3: step 3's eval must run before the first run exits.
+    evaluated = []
+
+    def evaluate(state, step, writer):
+        evaluated.append(step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    config = toy_config(data_dir, log_every=1, save_every=5)
+    state = train_loop.run(config, str(tmp_path), toy_stage(num_train_steps=6, on_eval=evaluate))
+    assert int(state["step"]) == 3
+    assert evaluated == [1, 2, 3]
+    train_loop.run(config, str(tmp_path), toy_stage(num_train_steps=6, on_eval=evaluate))
+    assert evaluated == [1, 2, 3, 4, 5, 6]
+
+
 def test_toy_run_resumes_to_the_same_parameters(tmp_path, data_dir):
     config = toy_config(data_dir, log_every=1, save_every=2)
     full = train_loop.run(config, str(tmp_path / "full"), toy_stage(num_train_steps=6))

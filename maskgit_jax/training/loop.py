@@ -294,6 +294,13 @@ def run(
         checkpoints.save(manager, step, state, metadata, force=force)
         last_good = step
 
+    def evaluate_and_sample(state: Any, step: int) -> None:
+        """The stage's eval and samples, where `step` is due for them."""
+        if stage.on_eval and _due(step, log_config.eval_every_steps):
+            stage.on_eval(state, step, writer)
+        if stage.on_sample and _due(step, log_config.sample_every_steps):
+            stage.on_sample(state, step, writer)
+
     preemption = checkpoints.PreemptionHandler().install()
     previous_loss = None
     try:
@@ -325,11 +332,13 @@ def run(
                     )
                     if manager.latest_step() != step:  # Not already saved just above.
                         checked_save(force=True)
+                    # The resumed run starts after this step, so its due eval and samples run
+                    # now, once the checkpoint is on disk: a grace period that ends during
+                    # them loses only them.
+                    manager.wait_until_finished()
+                    evaluate_and_sample(state, step)
                     break
-                if stage.on_eval and _due(step, log_config.eval_every_steps):
-                    stage.on_eval(state, step, writer)
-                if stage.on_sample and _due(step, log_config.sample_every_steps):
-                    stage.on_sample(state, step, writer)
+                evaluate_and_sample(state, step)
             else:
                 if manager.latest_step() != step:
                     checked_save(force=True)
