@@ -6,6 +6,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models.attention import largest_divisor_at_most
+
 # Activation bytes per transformer call on CPU: the float32 MLP activations [rows, 257, 3072]
 # of 8 imagenet256 examples (25 MB). One call over a batch of 64 ran the bf16 forward at
 # 171-180 ms per image against 124 at batch 8 (XLA:CPU fuses the large MLP differently).
@@ -97,7 +99,7 @@ class CodebookLogits:
         rows = per_device
         if self.rows_per_device is not None and batch % self.num_devices == 0:
             budget = max(1, self.rows_per_device // per_row)
-            rows = max(d for d in range(1, min(per_device, budget) + 1) if per_device % d == 0)
+            rows = largest_divisor_at_most(per_device, budget)
         if rows == per_device or batch % self.num_devices:
             flat = ids.reshape(batch * per_row, length)
             logits = self.transformer.apply(variables, flat, num_logits=self.codebook_size)

@@ -48,12 +48,13 @@ def block_shape(
     if block_bytes is None:
         return batch, num_heads
     pairs = max(1, block_bytes // (4 * queries * keys))
-    heads = _largest_divisor_at_most(num_heads, min(pairs, MAX_HEADS_PER_BLOCK))
-    examples = _largest_divisor_at_most(batch, max(1, pairs // heads))
+    heads = largest_divisor_at_most(num_heads, min(pairs, MAX_HEADS_PER_BLOCK))
+    examples = largest_divisor_at_most(batch, max(1, pairs // heads))
     return examples, heads
 
 
-def _largest_divisor_at_most(size: int, limit: int) -> int:
+def largest_divisor_at_most(size: int, limit: int) -> int:
+    """The largest divisor of `size` that is at most `limit` (at least 1)."""
     return max(d for d in range(1, min(size, limit) + 1) if size % d == 0)
 
 
