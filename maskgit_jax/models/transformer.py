@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from maskgit_jax.models.attention import multi_head_attention
+from maskgit_jax.models.dropout import dropout, keep_mask
 from maskgit_jax.models.matmul import matmul
 
 Array = jax.Array
@@ -30,6 +31,13 @@ def truncated_normal_init(stddev: float = 0.02) -> nn.initializers.Initializer:
         return stddev * jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype)
 
     return init
+
+
+def _dropout(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
+    """`models.dropout.dropout` with a key from `module`'s "dropout" stream when training."""
+    if deterministic or rate == 0.0:
+        return x
+    return dropout(x, rate, module.make_rng("dropout"))
 
 
 def _logical(init, names: tuple[str | None, ...]):
@@ -129,7 +137,7 @@ class Embed(nn.Module):
         # A negative id (the released code writes the mask as -1) selects from the table's end.
         x = word_embeddings(ids) + position_embeddings(jnp.arange(ids.shape[-1])[None, :])
         x = _layer_norm("embeddings_ln")(x)
-        x = nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
+        x = _dropout(self, x, self.dropout_rate, deterministic)
         return _constrain(x), word_embeddings.embedding
 
 
@@ -162,8 +170,7 @@ class SelfAttention(nn.Module):
         if not deterministic and self.attention_dropout_rate > 0:
             # One mask per head, shared by the batch's examples (the released layout).
             shape = (self.num_heads, x.shape[1], x.shape[1])
-            keep_rate = 1.0 - self.attention_dropout_rate
-            keep = jax.random.bernoulli(self.make_rng("dropout"), keep_rate, shape)
+            keep = keep_mask(self.make_rng("dropout"), shape, self.attention_dropout_rate)
         context = multi_head_attention(
             query,
             key,
@@ -207,7 +214,7 @@ class Attention(nn.Module):
             self.fused,
             name="self_attention",
         )(x, deterministic)
-        attended = nn.Dropout(self.dropout_rate)(attended, deterministic=deterministic)
+        attended = _dropout(self, attended, self.dropout_rate, deterministic)
         return _constrain(_layer_norm("attention_output_ln")(attended + x))
 
 
@@ -224,7 +231,7 @@ class Mlp(nn.Module):
         h = _dense(self.mlp_dim, ("embed", "mlp"), "intermediate_output", self.dtype)(x)
         h = nn.gelu(nn.with_logical_constraint(h, ("batch", "length", "mlp")))
         h = _dense(self.hidden_size, ("mlp", "embed"), "layer_output", self.dtype)(h)
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = _dropout(self, h, self.dropout_rate, deterministic)
         return _constrain(_layer_norm("layer_output_ln")(h + x))
 
 
