@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from maskgit_jax.models.attention import largest_divisor_at_most
+
 Array = jax.Array
 
 _LEAKY_SLOPE = 0.2
@@ -90,10 +92,6 @@ def block_features(
     return tuple(filters * channel_multipliers[min(i, last)] for i in range(count))
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 def minibatch_stddev(x: Array, group_size: int, num_features: int = 1) -> Array:
     """Append `num_features` channels holding the within-group std of features (StyleGAN).
 
@@ -105,7 +103,7 @@ def minibatch_stddev(x: Array, group_size: int, num_features: int = 1) -> Array:
     batch, height, width, channels = x.shape
     if channels % num_features:
         raise ValueError(f"{channels} channels do not split into {num_features} stddev features.")
-    groups = _largest_divisor_at_most(batch, group_size)
+    groups = largest_divisor_at_most(batch, group_size)
     y = x.astype(jnp.float32).reshape(
         groups, batch // groups, height, width, num_features, channels // num_features
     )
