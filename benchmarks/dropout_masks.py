@@ -41,7 +41,6 @@ def main() -> None:
     print(f"device: {jax.devices()[0].device_kind}")
     print(f"one step's dropout masks at batch {args.batch}: {elements / 1e6:.1f}M draws")
     for name, fn in draws.items():
-        jax.block_until_ready(fn(key))
         seconds = train_speed.best_time(lambda fn=fn: fn(key), args.repeats)
         print(f"  {name:34s} {seconds * 1e3:8.1f} ms")
     parts = train_speed.time_parts(args.batch, args.dtype, args.repeats)

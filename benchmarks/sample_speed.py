@@ -17,21 +17,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import train_speed
 from flax import linen as nn
 
 from maskgit_jax import config_lib
 from maskgit_jax.decoding.logits import cast_matmul_kernels
 from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from maskgit_jax.training import flops
-
-
-def _best_time(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def initialised_pipeline(config, **kwargs) -> MaskGITPipeline:
@@ -90,9 +82,10 @@ def main():
                 first_s = time.perf_counter() - start
                 # This VM's clock drifts by 20% over minutes: compare against the higher of
                 # the peaks measured right before and right after the timing.
-                seconds = _best_time(
+                seconds = train_speed.best_time(
                     lambda o=options, y=labels: pipe.generate_tokens(y, jax.random.PRNGKey(1), o),
                     args.repeats,
+                    warm_up=False,  # the call above compiled and ran it
                 )
                 peak = max(peaks[name], flops.measure_matmul_peak(jnp.dtype(name)))
                 images_per_s = batch / seconds
@@ -132,8 +125,7 @@ def main():
         side = config_lib.tokens_per_side(config)
         for batch in args.batch:
             tokens = np.zeros((batch, side, side), np.int32)
-            pipe.decode_tokens(tokens)  # compile
-            seconds = _best_time(lambda t=tokens: pipe.decode_tokens(t), 1)
+            seconds = train_speed.best_time(lambda t=tokens: pipe.decode_tokens(t), 1)
             print(f"VQ decoder, batch {batch}: {batch / seconds:.3f} images/s")
 
 

@@ -32,9 +32,13 @@ from maskgit_jax.training import loop as train_loop
 from maskgit_jax.training import transformer as train_transformer
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> float:
-    """Best wall time of `fn()` (blocked) over `repeats` calls, after one warm-up call."""
-    jax.block_until_ready(fn())
+def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> float:
+    """Best wall time of `fn()` (blocked) over `repeats` calls, after one warm-up call.
+
+    `warm_up=False` skips it, for callers that time the first (compiling) call themselves.
+    """
+    if warm_up:
+        jax.block_until_ready(fn())
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
