@@ -96,6 +96,24 @@ def test_large_batches_are_chunked_into_one_program(pipes):
     assert pipe._decode_rows._cache_size() == programs
 
 
+def test_tokenizer_calls_are_chunked_into_one_program(pipes):
+    pipe = pipes["one"]  # max_batch_size 4
+    whole = pipeline.MaskGITPipeline(
+        pipe.config, pipe.tokenizer_variables, pipe.transformer_variables, devices=jax.devices()[:1]
+    )
+    grids = np.random.default_rng(0).integers(0, CODEBOOK, (11, 4, 4))
+    images = pipe.decode_tokens(grids)
+    assert images.shape == (11, 8, 8, 3)
+    # Equal up to the float rounding of another batch shape (4 rows against 11).
+    np.testing.assert_allclose(images, whole.decode_tokens(grids), atol=1e-5)
+    tokens = pipe.encode(images)
+    np.testing.assert_array_equal(tokens, whole.encode(images))
+    programs = pipe._decode._cache_size(), pipe._encode._cache_size()
+    more = np.random.default_rng(1).integers(0, CODEBOOK, (30, 4, 4))
+    assert pipe.encode(pipe.decode_tokens(more)).shape == (30, 4, 4)
+    assert (pipe._decode._cache_size(), pipe._encode._cache_size()) == programs
+
+
 def test_new_weights_temperatures_and_guidance_scales_reuse_programs(pipes):
     pipe = pipes["four"]
     guided = pipe.options(num_steps=NUM_STEPS, guidance_scale=1.0)

@@ -84,7 +84,8 @@ class MaskGITPipeline:
         tokenizer_variables: `{"params": ...}` of the VQGAN tokenizer.
         transformer_variables: `{"params": ...}` of the masked transformer.
         devices: devices of the 1-D batch mesh (default: this process's devices).
-        max_batch_size: most rows decoded by one program; larger batches are chunked.
+        max_batch_size: most rows decoded, encoded or turned into images by one program;
+            larger batches are chunked.
     """
 
     def __init__(
@@ -507,10 +508,7 @@ class MaskGITPipeline:
     @_on_own_mesh
     def encode(self, images) -> np.ndarray:
         """Token grids int32 [B, H/f, W/f] of float images [B, H, W, 3] in [0, 1]."""
-        images = self._check_images(images)
-        return np.asarray(self._encode(self.tokenizer_variables, self._shard(images)))[
-            : len(images)
-        ]
+        return self._tokenizer_in_chunks(self._encode, self._check_images(images))
 
     @_on_own_mesh
     def decode_tokens(self, tokens) -> np.ndarray:
@@ -518,9 +516,26 @@ class MaskGITPipeline:
         tokens = validation.check_token_ids(tokens, self.codebook_size)
         if tokens.ndim != 3:
             raise ValueError(f"tokens must be [B, h, w]; got shape {tokens.shape}.")
-        return np.asarray(self._decode(self.tokenizer_variables, self._shard(tokens)))[
-            : len(tokens)
+        return self._tokenizer_in_chunks(self._decode, tokens)
+
+    def _tokenizer_in_chunks(self, program: Any, rows: np.ndarray) -> np.ndarray:
+        """`program(tokenizer_variables, chunk)` over chunks of at most `max_batch_size` rows.
+
+        Every chunk has the same padded shape, so one program serves any batch size, and a
+        large batch never becomes one large set of activations. All chunks are dispatched
+        before the first result is fetched.
+        """
+        size, ranges = self._chunks(len(rows))
+        outputs = [
+            program(self.tokenizer_variables, self._shard(rows[start:end], size))
+            for start, end in ranges
         ]
+        return np.concatenate(
+            [
+                np.asarray(out)[: end - start]
+                for out, (start, end) in zip(outputs, ranges, strict=True)
+            ]
+        )
 
     # -- input checks ---------------------------------------------------------------------
 
