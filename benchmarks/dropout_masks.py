@@ -1,7 +1,7 @@
 """Milliseconds to draw one imagenet256 train step's dropout masks: threefry against the hash.
 
 The masks of one step at `--batch`: per layer, two hidden-state masks [B, 257, 768] and one
-attention mask [16, 257, 257], over 24 layers, plus the embeddings' (~44M draws at batch 4).
+attention mask [16, 257, 257], over 24 layers, plus the embeddings' (64M draws at batch 4).
 `jax.random.bernoulli` (threefry, the flax `nn.Dropout` path) against `models.dropout.keep_mask`;
 then the forward pass without and with dropout (`train_speed.time_parts`), whose difference is
 what dropout costs the step.
