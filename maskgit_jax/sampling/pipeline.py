@@ -76,6 +76,14 @@ def _on_own_mesh(method):
 DEFAULT_MAX_BATCH_SIZE = 64
 
 
+def _host_rows(chunks: list[tuple[int, jax.Array]]) -> np.ndarray:
+    """The first `count` rows of each (count, device array) chunk, concatenated on the host.
+
+    Callers dispatch every chunk before this reads the first back.
+    """
+    return np.concatenate([np.asarray(chunk)[:count] for count, chunk in chunks])
+
+
 class MaskGITPipeline:
     """Class-conditional MaskGIT sampling and editing from a config and both models' weights.
 
@@ -437,7 +445,7 @@ class MaskGITPipeline:
             (count, self._decode(self.tokenizer_variables, grid))
             for count, grid in self._class_chunks(labels, rng, options, row_offset, overrides)
         ]
-        return np.concatenate([np.asarray(chunk)[:count] for count, chunk in images])
+        return _host_rows(images)
 
     @_on_own_mesh
     def generate_tokens(
@@ -450,8 +458,7 @@ class MaskGITPipeline:
         **overrides: Any,
     ) -> np.ndarray:
         """Token grids int32 [B, G, G] for class `labels` [B]; arguments as in `generate`."""
-        chunks = self._class_chunks(labels, rng, options, row_offset, overrides)
-        return np.concatenate([np.asarray(grid)[:count] for count, grid in chunks])
+        return _host_rows(self._class_chunks(labels, rng, options, row_offset, overrides))
 
     @_on_own_mesh
     def fill_tokens(
@@ -526,14 +533,10 @@ class MaskGITPipeline:
         before the first result is fetched.
         """
         size, ranges = self._chunks(len(rows))
-        outputs = [
-            program(self.tokenizer_variables, self._shard(rows[start:end], size))
-            for start, end in ranges
-        ]
-        return np.concatenate(
+        return _host_rows(
             [
-                np.asarray(out)[: end - start]
-                for out, (start, end) in zip(outputs, ranges, strict=True)
+                (end - start, program(self.tokenizer_variables, self._shard(rows[start:end], size)))
+                for start, end in ranges
             ]
         )
 
