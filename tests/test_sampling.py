@@ -91,9 +91,9 @@ def test_large_batches_are_chunked_into_one_program(pipes):
     options = pipe.options(num_steps=NUM_STEPS)
     assert pipe._chunks(11) == (4, [(0, 4), (4, 8), (8, 11)])
     pipe.generate_tokens(LABELS, KEY, options)
-    programs = pipe._decode_rows._cache_size()
+    programs = pipe._decode_cache_size()
     pipe.generate_tokens(np.arange(30) % 4, jax.random.PRNGKey(3), options)
-    assert pipe._decode_rows._cache_size() == programs
+    assert pipe._decode_cache_size() == programs
 
 
 def test_tokenizer_calls_are_chunked_into_one_program(pipes):
@@ -118,7 +118,7 @@ def test_new_weights_temperatures_and_guidance_scales_reuse_programs(pipes):
     pipe = pipes["four"]
     guided = pipe.options(num_steps=NUM_STEPS, guidance_scale=1.0)
     before = pipe.generate_tokens(LABELS, KEY, guided)
-    programs, decoders = pipe._decode_rows._cache_size(), pipe._decode._cache_size()
+    programs, decoders = pipe._decode_cache_size(), pipe._decode._cache_size()
     pipe.generate_tokens(LABELS, KEY, guided.replace(guidance_scale=3.0, temperature=0.5))
     pipe.generate(LABELS, KEY, guided.replace(choice_temperature=1.0))
     scaled = jax.tree.map(lambda x: 1.5 * np.asarray(x), pipe.transformer_variables)
@@ -127,7 +127,7 @@ def test_new_weights_temperatures_and_guidance_scales_reuse_programs(pipes):
     after = pipe.generate_tokens(LABELS, KEY, guided)
     pipe.set_variables(transformer_variables=original)
     assert np.any(after != before)
-    assert pipe._decode_rows._cache_size() == programs
+    assert pipe._decode_cache_size() == programs
     assert pipe._decode._cache_size() == decoders
 
 
@@ -162,10 +162,10 @@ def test_class_label_conditions_only_its_own_row(pipes):
 def test_bad_input_raises_before_tracing(pipes, call, match):
     pipe = pipes["four"]
     labels = call.pop("labels", [0, 1])
-    programs = pipe._decode_rows._cache_size()
+    programs = pipe._decode_cache_size()
     with pytest.raises((ValueError, TypeError), match=match):
         pipe.generate(labels, KEY, **call)
-    assert pipe._decode_rows._cache_size() == programs
+    assert pipe._decode_cache_size() == programs
 
 
 def test_guidance_without_label_dropout_needs_force():

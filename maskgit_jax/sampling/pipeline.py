@@ -29,7 +29,7 @@ tokens that are decoded and then dropped.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -40,7 +40,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from maskgit_jax import config_lib, paths, sharding, validation
+from maskgit_jax import compile_options, config_lib, paths, sharding, validation
 from maskgit_jax.checkpoints import official as official_checkpoint
 from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.decoding import core, orders
@@ -55,6 +55,7 @@ from maskgit_jax.sampling import editing
 from maskgit_jax.sampling.editing import EDIT_NUM_STEPS, EDIT_START_STEP, EditResult
 
 _BATCH_AXIS = "batch"
+_DECODE_STATIC_ARGNAMES = ("self", "logits_fn", "num_steps", "start_step", "schedule", "ordering")
 
 
 def _on_own_mesh(method):
@@ -125,6 +126,7 @@ class MaskGITPipeline:
         self.transformer = build_transformer(config)
         self._transformers: dict[str, Any] = {"float32": self.transformer}
         self._logits_fns: dict[tuple[str, int | None, bool], CodebookLogits] = {}
+        self._decode_programs: dict[tuple[tuple[str, str], ...], Callable] = {}
         self.tokenizer_variables = None
         self.transformer_variables = None
         self.set_variables(tokenizer_variables, transformer_variables)
@@ -261,10 +263,26 @@ class MaskGITPipeline:
             )
         return self._logits_fns[key]
 
-    @functools.partial(
-        jax.jit,
-        static_argnames=("self", "logits_fn", "num_steps", "start_step", "schedule", "ordering"),
-    )
+    def _decode_program(self, options: DecodeOptions) -> Callable:
+        """`_decode_rows` jitted with the XLA options of `options.compute_dtype` on this mesh.
+
+        One jit per option set (`compile_options.forward_options`), each caching its programs.
+        """
+        platform = self.mesh.devices.flat[0].platform
+        xla_options = compile_options.forward_options(options.compute_dtype, platform)
+        key = tuple(sorted(xla_options.items()))
+        if key not in self._decode_programs:
+            self._decode_programs[key] = jax.jit(
+                type(self)._decode_rows,
+                static_argnames=_DECODE_STATIC_ARGNAMES,
+                compiler_options=xla_options,
+            )
+        return self._decode_programs[key]
+
+    def _decode_cache_size(self) -> int:
+        """How many decoding programs this pipeline has compiled (to check that calls reuse one)."""
+        return sum(program._cache_size() for program in self._decode_programs.values())
+
     def _decode_rows(
         self,
         transformer_variables,
@@ -351,7 +369,8 @@ class MaskGITPipeline:
         out = []
         for start, end in ranges:
             rows = np.arange(row_offset + start, row_offset + start + size, dtype=np.int32)
-            tokens = self._decode_rows(
+            tokens = self._decode_program(options)(
+                self,
                 self.transformer_variables,
                 self._shard(sequences[start:end], size),
                 self._shard(rows),
