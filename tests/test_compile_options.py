@@ -71,3 +71,12 @@ def test_pipeline_decodes_each_dtype_with_its_options():
     again = pipe.generate_tokens(labels, jax.random.PRNGKey(0), num_steps=2)
     np.testing.assert_array_equal(np.asarray(again), np.asarray(fp32))
     assert pipe._decode_cache_size() == 2
+
+
+def test_tokenizer_programs_take_float32_options_with_the_same_images():
+    config = tiny_config()
+    pipe = pipeline.MaskGITPipeline.with_random_weights(config, seed=3, devices=jax.devices()[:1])
+    grid = jax.random.randint(jax.random.PRNGKey(4), (2, 4, 4), 0, 16)
+    images = pipe._decode(pipe.tokenizer_variables, grid)
+    default = jax.jit(pipe._decode_grid)(pipe.tokenizer_variables, grid)
+    np.testing.assert_allclose(np.asarray(images), np.asarray(default), rtol=1e-5, atol=1e-5)

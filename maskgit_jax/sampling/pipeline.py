@@ -127,6 +127,12 @@ class MaskGITPipeline:
         self._transformers: dict[str, Any] = {"float32": self.transformer}
         self._logits_fns: dict[tuple[str, int | None, bool], CodebookLogits] = {}
         self._decode_programs: dict[tuple[tuple[str, str], ...], Callable] = {}
+        # The tokenizer runs in float32: its programs take float32's XLA options on this mesh.
+        tokenizer_options = compile_options.forward_options(
+            jnp.float32, self.mesh.devices.flat[0].platform
+        )
+        self._encode = jax.jit(self._encode_images, compiler_options=tokenizer_options)
+        self._decode = jax.jit(self._decode_grid, compiler_options=tokenizer_options)
         self.tokenizer_variables = None
         self.transformer_variables = None
         self.set_variables(tokenizer_variables, transformer_variables)
@@ -324,12 +330,10 @@ class MaskGITPipeline:
             return_all_steps=False,
         )[0]
 
-    @functools.partial(jax.jit, static_argnames=("self",))
-    def _encode(self, tokenizer_variables, images):
+    def _encode_images(self, tokenizer_variables, images):
         return self.tokenizer.apply(tokenizer_variables, images, method="encode")
 
-    @functools.partial(jax.jit, static_argnames=("self",))
-    def _decode(self, tokenizer_variables, grid):
+    def _decode_grid(self, tokenizer_variables, grid):
         images = self.tokenizer.apply(tokenizer_variables, grid, method="decode")
         return jnp.clip(images, 0.0, 1.0)
 
