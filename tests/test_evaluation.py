@@ -411,3 +411,17 @@ def test_report_of_sampled_outputs():
     # k-NN manifolds need more than k points on each side: none with 3 reference features.
     few = {"mu": mu, "sigma": sigma, "features": outputs["pool_3"][:3]}
     assert "precision" not in metrics.report(outputs, few, splits=2, k=3)
+
+
+def test_apply_fn_compiled_with_forward_options_matches_the_default_compile(synthetic_graph):
+    """make_apply_fn takes float32's compile options (XLA's own CPU convolutions); same outputs."""
+    _, _, path = synthetic_graph
+    params = inception.load_inception_params(path)
+    images = np.random.default_rng(9).uniform(0, 1, (2, 64, 48, 3)).astype(np.float32)
+    got = inception.make_apply_fn(params)(images)
+    model = inception.InceptionV3()
+    want = jax.jit(lambda p, x: model.apply({"params": p}, x))(params, images)
+    for name in ("pool_3", "logits"):
+        scale = np.abs(np.asarray(want[name])).max()
+        assert scale > 1e-2
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4 * scale)

@@ -36,6 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from maskgit_jax import compile_options
+
 Array = jax.Array
 
 INCEPTION_URL = "http://download.tensorflow.org/models/image/imagenet/inception-2015-12-05.tgz"
@@ -475,9 +477,15 @@ def make_apply_fn(
     With `mesh`, the parameters are replicated over it and the batch is split over all its
     axes (a batch that does not divide evenly is padded, and the padding dropped). Device
     arrays whose batch divides evenly are resharded on the devices, not copied to the host.
+    Compiled with float32's `compile_options.forward_options`: on CPU, XLA's own convolutions
+    run the network about twice as fast as YNNPACK's (13 -> 26 images/s at batch 8).
     """
     model = InceptionV3(precision)
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    platform = mesh.devices.flat[0].platform if mesh is not None else None
+    apply = jax.jit(
+        lambda p, x: model.apply({"params": p}, x),
+        compiler_options=compile_options.forward_options(jnp.float32, platform),
+    )
     in_sharding = None
     if mesh is not None:
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
