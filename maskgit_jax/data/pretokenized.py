@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from maskgit_jax import config_lib, paths
+from maskgit_jax import compile_options, config_lib, paths
 from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.data import input_pipeline
 from maskgit_jax.models import build_tokenizer
@@ -40,7 +40,10 @@ def write(config: ml_collections.ConfigDict, output: str | epath.PathLike) -> in
     source = _checkpoint_tokenizer_dir(config.training.tokenizer_checkpoint)
     loaded = pretrained.load_pretrained(source, config, parts=("tokenizer",))
     tokenizer = build_tokenizer(config)
-    encode = jax.jit(lambda v, x: tokenizer.apply(v, x, method="encode"))
+    encode = jax.jit(
+        lambda v, x: tokenizer.apply(v, x, method="encode"),
+        compiler_options=compile_options.forward_options(jnp.float32),
+    )
     dataset = config.dataset.copy_and_resolve_references()
     dataset.eval_split = dataset.train_split
     per_process = config.training.batch_size
