@@ -10,12 +10,12 @@ not depend on them). Rerun it after a jaxlib upgrade to see whether the options 
 """
 
 import argparse
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import train_speed
 
 from maskgit_jax import compile_options, config_lib
 from maskgit_jax.evaluation import inception
@@ -64,18 +64,6 @@ def programs() -> dict[str, tuple[Callable, tuple, int]]:
     }
 
 
-def seconds_per_call(fn: Callable, args: tuple, options: dict, repeats: int) -> float:
-    """Best wall time of `repeats` calls of `fn` jitted with `options` (after a warm-up call)."""
-    jitted = jax.jit(fn, compiler_options=options)
-    jax.block_until_ready(jitted(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(jitted(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -91,7 +79,10 @@ def main() -> None:
         times = {"default": [], "forward options": []}
         for _ in range(args.rounds):
             for label, options in (("default", {}), ("forward options", tuned)):
-                times[label].append(seconds_per_call(fn, fn_args, options, args.repeats))
+                jitted = jax.jit(fn, compiler_options=options)
+                times[label].append(
+                    train_speed.best_time(lambda j=jitted, a=fn_args: j(*a), args.repeats)
+                )
         figures = ", ".join(
             f"{label} " + " / ".join(f"{1e3 * t / images:.0f}" for t in values)
             for label, values in times.items()

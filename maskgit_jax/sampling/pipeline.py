@@ -114,6 +114,7 @@ class MaskGITPipeline:
         self.mask_token_id = config_lib.mask_token_id(config)
         devices = list(devices) if devices is not None else jax.local_devices()
         self.mesh = Mesh(np.asarray(devices), (_BATCH_AXIS,))
+        self._platform = devices[0].platform
         self._batch_sharding = NamedSharding(self.mesh, PartitionSpec(_BATCH_AXIS))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int):
@@ -128,9 +129,7 @@ class MaskGITPipeline:
         self._logits_fns: dict[tuple[str, int | None, bool], CodebookLogits] = {}
         self._decode_programs: dict[tuple[tuple[str, str], ...], Callable] = {}
         # The tokenizer runs in float32: its programs take float32's XLA options on this mesh.
-        tokenizer_options = compile_options.forward_options(
-            jnp.float32, self.mesh.devices.flat[0].platform
-        )
+        tokenizer_options = compile_options.forward_options(jnp.float32, self._platform)
         self._encode = jax.jit(self._encode_images, compiler_options=tokenizer_options)
         self._decode = jax.jit(self._decode_grid, compiler_options=tokenizer_options)
         self.tokenizer_variables = None
@@ -263,7 +262,7 @@ class MaskGITPipeline:
                 rows_per_device=rows_per_transformer_call(
                     config_lib.sequence_length(self.config),
                     self.config.transformer.mlp_dim,
-                    self.mesh.devices.flat[0].platform,
+                    self._platform,
                 ),
                 num_devices=self.num_devices,
             )
@@ -274,8 +273,7 @@ class MaskGITPipeline:
 
         One jit per option set (`compile_options.forward_options`), each caching its programs.
         """
-        platform = self.mesh.devices.flat[0].platform
-        xla_options = compile_options.forward_options(options.compute_dtype, platform)
+        xla_options = compile_options.forward_options(options.compute_dtype, self._platform)
         key = tuple(sorted(xla_options.items()))
         if key not in self._decode_programs:
             self._decode_programs[key] = jax.jit(
