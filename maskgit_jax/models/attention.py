@@ -109,6 +109,8 @@ def _blocked_attention(
     arithmetic. Residuals are the compute-dtype q, k, v and the float32 probabilities.
     imagenet256 train step, batch 4 on a 2-core AMX Xeon (`benchmarks/train_speed.py --batch 4`):
     bf16 3.26 -> 2.37 s (one block with autodiff: 2.72 s), fp32 5.01 -> 4.76 s.
+    Called without a gradient (decoding, evaluation), the primal `context_only` runs instead:
+    it keeps no residuals and normalises after the value matmul.
     """
     examples, heads = blocks
 
@@ -126,19 +128,45 @@ def _blocked_attention(
         rows = [_concatenate(parts[i : i + per_row], 2) for i in range(0, len(parts), per_row)]
         return _concatenate(rows, 0)
 
+    def block_scores(q, k, allowed):
+        """float32 scores [e, h, Q, K] of one block, disallowed pairs at float32's minimum."""
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        if allowed is not None:
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        return scores
+
+    def context_only(query, key, value, allowed, keep_scale):
+        """The output without residuals (no gradient asked), softmax normalised at the end.
+
+        exp(scores - max) multiplies [v, 1]: the last column is each row's sum, and dividing
+        the context by it replaces softmax's sum and normalisation passes over the scores.
+        imagenet256 attention core, batch 8 on a 2-core AMX Xeon: fp32 29.6 -> 16.0 ms, bf16
+        25.3 -> 19.8 ms per layer. Dropout needs the normalised probabilities: `forward`.
+        """
+        if keep_scale is not None:
+            return forward(query, key, value, allowed, keep_scale)[0]
+        q, k, v = (x.astype(dtype) for x in (query, key, value))
+        batch, _, num_heads, depth = q.shape
+        v = jnp.concatenate([v, jnp.ones((*v.shape[:-1], 1), dtype)], axis=-1)
+        contexts = []
+        for rows, cols in block_slices(batch, num_heads):
+            scores = block_scores(q[rows, :, cols], k[rows, :, cols], allowed)
+            weights = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+            weighted = jnp.einsum(
+                "bhqk,bkhd->bqhd",
+                weights.astype(dtype),
+                v[rows, :, cols],
+                preferred_element_type=jnp.float32,
+            )
+            contexts.append(weighted[..., :depth] / weighted[..., depth:])
+        return gather(contexts, batch, num_heads)
+
     def forward(query, key, value, allowed, keep_scale):
         q, k, v = (x.astype(dtype) for x in (query, key, value))
         batch, _, num_heads, _ = q.shape
         contexts, probabilities = [], []
         for rows, cols in block_slices(batch, num_heads):
-            scores = jnp.einsum(
-                "bqhd,bkhd->bhqk",
-                q[rows, :, cols],
-                k[rows, :, cols],
-                preferred_element_type=jnp.float32,
-            )
-            if allowed is not None:
-                scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            scores = block_scores(q[rows, :, cols], k[rows, :, cols], allowed)
             probs = jax.nn.softmax(scores, axis=-1)
             kept = probs if keep_scale is None else probs * keep_scale[cols]
             contexts.append(
@@ -186,7 +214,7 @@ def _blocked_attention(
 
     @jax.custom_vjp
     def attend(query, key, value, allowed, keep_scale):
-        return forward(query, key, value, allowed, keep_scale)[0]
+        return context_only(query, key, value, allowed, keep_scale)
 
     attend.defvjp(forward, backward)
     return attend
