@@ -70,7 +70,7 @@ def test_float32_output_and_gradients_are_autodiffs(block_bytes, masked, dropped
 @pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("score_scale", [1.0, 40.0])
 def test_output_without_gradients_is_the_reference(block_bytes, masked, dropped, score_scale):
-    """Without a gradient the core normalises after the value matmul: the same function.
+    """Without a gradient (bf16: normalised after the value matmul) it is the same function.
 
     float32 within rounding; bf16 within the rounding of its probabilities (the reference
     takes the same bf16 q, k, v); scores up to hundreds stay finite (each row's maximum is
@@ -79,7 +79,8 @@ def test_output_without_gradients_is_the_reference(block_bytes, masked, dropped,
     (q, k, v), _, keep, causal = _inputs()
     q = q * score_scale
     allowed, keep = (causal if masked else None), (keep if dropped else None)
-    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 0.02)):
+    # bf16: probabilities rounded at different points (largest seen: 0.22% of the output).
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 5e-3)):
         want = _reference(q, k, v, allowed, keep, dtype)
         got = jax.jit(
             lambda q, k, v, dtype=dtype: attention.multi_head_attention(

@@ -110,7 +110,7 @@ def _blocked_attention(
     imagenet256 train step, batch 4 on a 2-core AMX Xeon (`benchmarks/train_speed.py --batch 4`):
     bf16 3.26 -> 2.37 s (one block with autodiff: 2.72 s), fp32 5.01 -> 4.76 s.
     Called without a gradient (decoding, evaluation), the primal `context_only` runs instead:
-    it keeps no residuals and normalises after the value matmul.
+    it keeps no residuals and, in bf16, normalises after the value matmul.
     """
     examples, heads = blocks
 
@@ -136,14 +136,16 @@ def _blocked_attention(
         return scores
 
     def context_only(query, key, value, allowed, keep_scale):
-        """The output without residuals (no gradient asked), softmax normalised at the end.
+        """The output without residuals (no gradient asked); in bf16, normalised at the end.
 
         exp(scores - max) multiplies [v, 1]: the last column is each row's sum, and dividing
         the context by it replaces softmax's sum and normalisation passes over the scores.
-        imagenet256 attention core, batch 8 on a 2-core AMX Xeon: fp32 29.6 -> 16.0 ms, bf16
-        25.3 -> 19.8 ms per layer. Dropout needs the normalised probabilities: `forward`.
+        imagenet256 bf16 decoding, batch 8, T=8 on a 2-core AMX Xeon, two pipelines
+        alternating in one process: 1.03-1.07 -> 1.10-1.13 images/s. float32 decoding (its
+        dots on XLA's own path, `compile_options`) was slower that way, 0.38-0.40 -> 0.36-0.38,
+        so float32 keeps `forward`, as does dropout, which needs normalised probabilities.
         """
-        if keep_scale is not None:
+        if keep_scale is not None or dtype == jnp.float32:
             return forward(query, key, value, allowed, keep_scale)[0]
         q, k, v = (x.astype(dtype) for x in (query, key, value))
         batch, _, num_heads, depth = q.shape
