@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maskgit_jax import config_lib, main, sharding
+from maskgit_jax import config_lib, host_memory, main, sharding
 from maskgit_jax.checkpoints import manager as checkpoints
 from maskgit_jax.checkpoints import pretrained
 from maskgit_jax.training import loop as train_loop
@@ -261,6 +261,16 @@ def _subprocess_env():
     return env
 
 
+def _expected_host_malloc(env) -> str:
+    """What `main` logs about its allocator: restarted with the huge-page tunable where it helps."""
+    environment, why = host_memory.huge_page_environment(
+        env, host_memory.transparent_huge_page_mode(), host_memory.glibc_version()
+    )
+    if environment is None:
+        return why
+    return f"as set (GLIBC_TUNABLES={environment['GLIBC_TUNABLES']})"
+
+
 def test_sigterm_then_resume_matches_an_uninterrupted_run(run_a, tmp_path, data_dir, caplog):
     config_a, workdir_a, state_a = run_a
     # The same run; eval and samples (which do not change training) differ: the interrupted
@@ -297,6 +307,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(run_a, tmp_path, data_
     output = (tmp_path / "run_b1.log").read_text()
     assert returncode == 0, output[-3000:]
     assert "preempted at step" in output
+    assert f"Host malloc: {_expected_host_malloc(_subprocess_env())}." in output
     logged = read_scalars(workdir, "loss")
     stop_step = max(logged)
     assert 3 <= stop_step < NUM_STEPS, "the run finished before the SIGTERM took effect"
