@@ -7,14 +7,25 @@ steps, divided by T: the transformer call plus the sampling around it) and train
 prints the seconds, the ratio PyTorch / JAX (> 1 means this project is faster) and each
 dtype's matmul peak as both frameworks measure it. One after another, so both see the same
 machine state.
+Both run in this one process, so both get the same allocator: glibc malloc on transparent
+huge pages where `maskgit_jax.host_memory` restarts the script with it (as `main` trains),
+glibc's default with MASKGIT_JAX_HUGE_PAGES=0.
 
   pip install -e .[benchmarks]
   python benchmarks/side_by_side.py [--decode_batch 8] [--train_batch 4] [--steps 8] \
       [--repeats 2] [--threads 2] [--dtypes float32 bfloat16]
 """
 
+# ruff: noqa: E402 (the allocator relaunch below must run before the heavy imports)
 import argparse
 import os
+
+from maskgit_jax import host_memory
+
+# As `python -m maskgit_jax.main` trains: glibc malloc on huge pages (`host_memory`).
+HOST_MALLOC = (
+    host_memory.relaunch_with_huge_pages() if __name__ == "__main__" else "not changed (imported)"
+)
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"load average {os.getloadavg()}; amx_bf16: {_has_amx()}", flush=True)
+    print(f"host malloc: {HOST_MALLOC}", flush=True)
     torch_args = pytorch_reference.parse_args(
         [
             f"--threads={args.threads}",

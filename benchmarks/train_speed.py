@@ -16,11 +16,19 @@ step: `--config=configs/digits.py --batch 32 --dtypes float32`).
   PYTHONPATH=. python benchmarks/train_speed.py [--batch 8] [--steps 3] [--breakdown]
 """
 
+# ruff: noqa: E402 (the allocator relaunch below must run before the heavy imports)
 import argparse
 import importlib.util
 import os
 import time
 from collections.abc import Callable
+
+from maskgit_jax import host_memory
+
+# As `python -m maskgit_jax.main` trains: glibc malloc on huge pages (`host_memory`).
+HOST_MALLOC = (
+    host_memory.relaunch_with_huge_pages() if __name__ == "__main__" else "not changed (imported)"
+)
 
 import jax
 import jax.numpy as jnp
@@ -139,7 +147,9 @@ def main() -> None:
         config, args.batch, num_logits=config.tokenizer.codebook_size
     )
     train_flops = 3 * forward
-    print(f"devices: {jax.devices()[:1]}; load average {os.getloadavg()}")
+    print(
+        f"devices: {jax.devices()[:1]}; load average {os.getloadavg()}; host malloc: {HOST_MALLOC}"
+    )
     print(
         f"{args.config or 'imagenet256'} transformer, batch {args.batch} x "
         f"{config_lib.sequence_length(config)} "
