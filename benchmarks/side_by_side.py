@@ -23,9 +23,7 @@ import os
 from maskgit_jax import host_memory
 
 # As `python -m maskgit_jax.main` trains: glibc malloc on huge pages (`host_memory`).
-HOST_MALLOC = (
-    host_memory.relaunch_with_huge_pages() if __name__ == "__main__" else "not changed (imported)"
-)
+HOST_MALLOC = host_memory.relaunch_with_huge_pages(__name__)
 
 import jax
 import jax.numpy as jnp

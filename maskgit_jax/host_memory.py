@@ -70,12 +70,15 @@ def huge_page_environment(
     return environment, f"restarting with GLIBC_TUNABLES={environment['GLIBC_TUNABLES']}"
 
 
-def relaunch_with_huge_pages() -> str:
+def relaunch_with_huge_pages(module_name: str) -> str:
     """Re-executes this process with `TUNABLE` where that helps; returns the allocator in use.
 
-    Call it first thing in a script's `__main__`, before heavy imports: the new process starts
-    over with the same command line and environment plus the tunable, and keeps the process id.
+    Call it with the script's `__name__` before its heavy imports. Only a script run as
+    `__main__` restarts: the new process starts over with the same command line and
+    environment plus the tunable, and keeps the process id. An imported module changes nothing.
     """
+    if module_name != "__main__":
+        return "not changed (imported, not run)"
     environment, description = huge_page_environment(
         os.environ, transparent_huge_page_mode(), glibc_version()
     )

@@ -14,10 +14,8 @@ import os
 from maskgit_jax import host_memory
 
 # glibc reads its tunables at start-up only: restarting before jax and TF are imported costs
-# milliseconds instead of their import time. Imported as a module, the process is left alone.
-_HOST_MALLOC = (
-    host_memory.relaunch_with_huge_pages() if __name__ == "__main__" else "not changed (imported)"
-)
+# milliseconds instead of their import time.
+_HOST_MALLOC = host_memory.relaunch_with_huge_pages(__name__)
 
 import jax
 import ml_collections

@@ -65,7 +65,7 @@ _PROBE = textwrap.dedent(
     import os, sys
     print("started", os.getpid(), flush=True)
     from maskgit_jax import host_memory
-    why = host_memory.relaunch_with_huge_pages()
+    why = host_memory.relaunch_with_huge_pages(__name__)
     import ctypes
     libc = ctypes.CDLL(None)
     libc.malloc.restype = ctypes.c_void_p
@@ -102,3 +102,12 @@ def test_relaunched_process_allocates_on_huge_pages(tmp_path, opt_out):
         assert len(started) == 2, result.stdout  # once before the restart, once after
         assert tunables == host_memory.TUNABLE
         assert int(huge_mib) >= 128, result.stdout
+
+
+def test_an_imported_module_never_restarts(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("execve called")
+
+    monkeypatch.setattr(os, "execve", refuse)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert "imported" in host_memory.relaunch_with_huge_pages("maskgit_jax.main")
