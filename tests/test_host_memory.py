@@ -51,11 +51,11 @@ def test_reads_the_kernels_mode(tmp_path):
 
 
 def _huge_pages_available() -> bool:
-    return (
-        sys.platform == "linux"
-        and host_memory.transparent_huge_page_mode() == "madvise"
-        and (host_memory.glibc_version() or (0, 0)) >= (2, 35)
+    """Whether this machine is one where `host_memory` restarts (its own decision, not a copy)."""
+    environment, _ = host_memory.huge_page_environment(
+        {}, host_memory.transparent_huge_page_mode(), host_memory.glibc_version()
     )
+    return sys.platform == "linux" and environment is not None
 
 
 # Relaunches, then reports its pid, GLIBC_TUNABLES and how much of a freshly written 256 MiB
