@@ -53,7 +53,7 @@ def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> f
     return best
 
 
-def _config(batch: int, dtype: str, config_path: str | None = None):
+def benchmark_config(batch: int, dtype: str, config_path: str | None = None):
     """`config_path`'s config (a file with `get_config()`), else the imagenet256 defaults."""
     if config_path:
         spec = importlib.util.spec_from_file_location("benchmarked_config", config_path)
@@ -76,9 +76,11 @@ def _batch(config, batch: int) -> dict[str, np.ndarray]:
     return {"tokens": tokens.astype(np.int16), "label": labels.astype(np.int32)}
 
 
-def time_train_step(batch: int, dtype: str, steps: int, config_path: str | None = None) -> float:
-    """Seconds per step of the real donated train step (best of `steps`)."""
-    config = _config(batch, dtype, config_path)
+def train_step_runner(
+    batch: int, dtype: str, config_path: str | None = None
+) -> Callable[[], jax.Array]:
+    """A call that runs one real donated train step on one device and returns its loss."""
+    config = benchmark_config(batch, dtype, config_path)
     stage = train_transformer.build_stage(config).stage  # batches of tokens: no tokenizer
     mesh = sharding.create_mesh(config.mesh, devices=jax.devices()[:1])
     setup = train_loop.create_sharded_setup(config, stage, mesh=mesh)
@@ -92,14 +94,19 @@ def time_train_step(batch: int, dtype: str, steps: int, config_path: str | None 
             holder["state"], metrics = step_fn(holder["state"], data, None)
         return metrics["loss"]
 
-    return best_time(one_step, steps)
+    return one_step
+
+
+def time_train_step(batch: int, dtype: str, steps: int, config_path: str | None = None) -> float:
+    """Seconds per step of the real donated train step (best of `steps`)."""
+    return best_time(train_step_runner(batch, dtype, config_path), steps)
 
 
 def time_parts(
     batch: int, dtype: str, repeats: int, config_path: str | None = None
 ) -> dict[str, float]:
     """Seconds of forward (no dropout / dropout) and forward+backward of the step's loss."""
-    config = _config(batch, dtype, config_path)
+    config = benchmark_config(batch, dtype, config_path)
     trainer = train_transformer.build_stage(config).trainer
     params = sharding.strip_boxes(jax.jit(trainer.init_state)(jax.random.PRNGKey(0)).params)
     data = _batch(config, batch)
@@ -140,7 +147,7 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="config file (default: imagenet256)")
     args = parser.parse_args()
 
-    config = _config(args.batch, "float32", args.config)
+    config = benchmark_config(args.batch, "float32", args.config)
     forward = flops.transformer_forward_flops(
         config, args.batch, num_logits=config.tokenizer.codebook_size
     )
