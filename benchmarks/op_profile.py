@@ -8,9 +8,12 @@ HLO (dumped by XLA for this run): forward or backward, and which part of the mod
 (projection matmuls, attention matmuls, softmax, GELU, LayerNorm, dtype converts,
 copies, optimizer). It prints the time by part and the slowest ops.
 
-Op times are summed over the threads that ran them, so on CPU they add up to more than the
-wall time (XLA runs independent ops side by side, and a matmul's helper threads are not
-counted); compare parts with each other, and programs with `train_speed.py`/`sample_speed.py`.
+Op times are summed over the threads that ran them, so on CPU they can add up to more than
+the wall time (XLA runs independent ops side by side), while work that helper threads do
+outside any op's event is not counted: much of XLA's own CPU dot (float32 forward programs,
+`compile_options`) runs that way in Eigen's pool. The script prints op time over wall time
+(at most the CPU count when every core runs ops); compare parts with each other, and
+programs with `train_speed.py` and `sample_speed.py`.
 
   python benchmarks/op_profile.py --program train --dtype bfloat16 --batch 4
   python benchmarks/op_profile.py --program decode --dtype bfloat16 --batch 8 --steps 8
@@ -142,20 +145,26 @@ def part_of(op: Instruction) -> str:
     return f"{'backward' if 'transpose(jvp(' in source else 'forward'}: {part}"
 
 
-def op_times(trace_dir: str, instructions: dict[str, Instruction]) -> dict[str, tuple[int, int]]:
-    """Instruction name -> (total ns, count) of the traced events that ran it."""
+def op_times(
+    trace_dir: str, instructions: dict[str, Instruction]
+) -> tuple[dict[str, tuple[int, int]], int]:
+    """Instruction name -> (total ns, count) of the traced events that ran it, and the number
+    of threads (trace lines) those events ran on.
+    """
     files = sorted(Path(trace_dir).rglob("*.xplane.pb"))
     if not files:
         raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}.")
     profile = jax.profiler.ProfileData.from_file(str(files[-1]))
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    threads = set()
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
                 if event.name in instructions:
                     totals[event.name][0] += event.duration_ns
                     totals[event.name][1] += 1
-    return {name: (ns, count) for name, (ns, count) in totals.items()}
+                    threads.add((plane.name, line.name))
+    return {name: (ns, count) for name, (ns, count) in totals.items()}, len(threads)
 
 
 def _short(source: str) -> str:
@@ -209,13 +218,17 @@ def _profile(args: argparse.Namespace, batch: int) -> None:
         if not dumps:
             raise RuntimeError(f"XLA dumped no optimized HLO for {module} under {DUMP_DIR}.")
         instructions = parse_hlo(dumps[-1].read_text())
-        times = op_times(trace_dir, instructions)
+        times, threads = op_times(trace_dir, instructions)
 
     total = sum(ns for ns, _ in times.values())
     print(f"devices: {jax.devices()[:1]}; host malloc: {HOST_MALLOC}")
     model = args.config or "imagenet256"
     print(f"{model} transformer {what}, {args.dtype}: {wall:.3f} s wall (traced run)")
-    print(f"op time summed over threads: {total / 1e6:.3f} ms in {len(times)} instructions\n")
+    print(f"op time summed over threads: {total / 1e6:.3f} ms in {len(times)} instructions")
+    print(
+        f"op time / wall time: {total / 1e9 / wall:.2f} (ops on {threads} threads, "
+        f"{os.cpu_count()} CPUs here; far below the CPU count: work outside op events)\n"
+    )
     parts: collections.Counter[str] = collections.Counter()
     for name, (ns, _) in times.items():
         parts[part_of(instructions[name])] += ns
