@@ -155,9 +155,12 @@ def op_times(
     if not files:
         raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}.")
     profile = jax.profiler.ProfileData.from_file(str(files[-1]))
+    planes = list(profile.planes)
+    # On an accelerator, the device's op events (host planes may repeat the names at launch).
+    devices = [plane for plane in planes if plane.name.startswith("/device:")]
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     threads = set()
-    for plane in profile.planes:
+    for plane in devices or planes:
         for line in plane.lines:
             for event in line.events:
                 if event.name in instructions:
