@@ -67,10 +67,9 @@ _LEAVES = {"parameter", "constant"}
 
 @dataclasses.dataclass(frozen=True)
 class Instruction:
-    """One optimized-HLO instruction: its result shape, opcode, source op and fused opcodes."""
+    """One optimized-HLO instruction: its result shape, source op and opcodes (fused ones)."""
 
     shape: str
-    opcode: str
     source: str
     body: frozenset[str]
 
@@ -78,6 +77,7 @@ class Instruction:
 def parse_hlo(text: str) -> dict[str, Instruction]:
     """Instruction name -> Instruction for every instruction of an optimized HLO module text."""
     computations: dict[str, set[str]] = {}
+    # (name, shape, opcode, source op, called computation) of each instruction
     pending: list[tuple[str, str, str, str, str | None]] = []
     current: set[str] | None = None
     header = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(")
@@ -102,7 +102,6 @@ def parse_hlo(text: str) -> dict[str, Instruction]:
     return {
         name: Instruction(
             shape.split("{")[0],
-            opcode,
             source,
             frozenset(computations.get(called, ())) if called else frozenset({opcode}),
         )

@@ -44,23 +44,20 @@ def test_forward_and_backward_ops_are_named_by_model_part():
 def test_fusion_bodies_decide_the_part():
     matmul = op_profile.Instruction(
         "f32[8,16]",
-        "fusion",
         "jit(f)/jvp(MaskedTransformer)/TransformerLayer_0/Mlp_0/intermediate_output/dot_general",
         frozenset({"parameter", "dot"}),
     )
     cast = op_profile.Instruction(
         "bf16[16,32]",
-        "fusion",
         "jit(f)/jvp(MaskedTransformer)/TransformerLayer_0/Mlp_0/layer_output/convert_element_type",
         frozenset({"parameter", "convert"}),
     )
     gelu = op_profile.Instruction(
         "bf16[8,32]",
-        "fusion",
         "jit(f)/MaskedTransformer/TransformerLayer_0/Mlp_0/layer_output/convert_element_type",
         frozenset({"parameter", "add", "tanh", "multiply", "convert"}),
     )
-    layout = op_profile.Instruction("bf16[32,8]", "fusion", "", frozenset({"copy", "transpose"}))
+    layout = op_profile.Instruction("bf16[32,8]", "", frozenset({"copy", "transpose"}))
     assert op_profile.part_of(matmul) == "forward: projection matmuls"
     assert op_profile.part_of(cast) == "forward: dtype converts"
     assert op_profile.part_of(gelu) == "forward: MLP GELU"
