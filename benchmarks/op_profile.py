@@ -221,6 +221,11 @@ def _profile(args: argparse.Namespace, batch: int) -> None:
             raise RuntimeError(f"XLA dumped no optimized HLO for {module} under {DUMP_DIR}.")
         instructions = parse_hlo(dumps[-1].read_text())
         times, threads = op_times(trace_dir, instructions)
+    if not times:
+        raise RuntimeError(
+            f"No traced event carries the name of an instruction of {dumps[-1].name}: the "
+            "profiler's or the HLO dump's format may have changed with this jax version."
+        )
 
     total = sum(ns for ns, _ in times.values())
     print(f"devices: {jax.devices()[:1]}; host malloc: {HOST_MALLOC}")
