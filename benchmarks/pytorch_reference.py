@@ -123,14 +123,18 @@ class SelfAttention(nn.Module):
 
         query = heads(self.query(x) / math.sqrt(self.head_dim))
         key, value = heads(self.key(x)), heads(self.value(x))
+        context = self.core(query, key, value).transpose(1, 2).reshape(batch, length, -1)
+        return self.out(context)
+
+    def core(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T) v over heads [B, H, L, D], the probabilities dropped out in training."""
         probs = torch.softmax(query @ key.transpose(-1, -2), dim=-1)
         if self.training and self.attention_dropout_rate > 0:
             keep = 1.0 - self.attention_dropout_rate
             shape = (1, *probs.shape[1:])
             keep_mask = torch.empty(shape, device=probs.device).bernoulli_(keep)
             probs = probs * keep_mask.to(probs.dtype) / keep
-        context = (probs @ value).transpose(1, 2).reshape(batch, length, -1)
-        return self.out(context)
+        return probs @ value
 
 
 class TransformerLayer(nn.Module):
@@ -148,8 +152,15 @@ class TransformerLayer(nn.Module):
         self.layer_output_ln = _layer_norm(d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_block(self.attention_block(x))
+
+    def attention_block(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention, dropout, residual, LayerNorm."""
         attended = self.attention_dropout(self.self_attention(x))
-        x = self.attention_output_ln(attended + x)
+        return self.attention_output_ln(attended + x)
+
+    def mlp_block(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense-GELU-Dense, dropout, residual, LayerNorm."""
         h = F.gelu(self.intermediate_output(x), approximate="tanh")
         h = self.mlp_dropout(self.layer_output(h))
         return self.layer_output_ln(h + x)
@@ -203,13 +214,14 @@ def forward_flops(config: TransformerConfig, batch_size: int, num_logits: int | 
     return float(batch_size * (config.num_layers * (projections + attention) + head))
 
 
-def _autocast(dtype: str) -> contextlib.AbstractContextManager:
+def autocast(dtype: str) -> contextlib.AbstractContextManager:
+    """No-op for float32; CPU autocast to `dtype` (bf16 matmuls) otherwise."""
     if dtype == "float32":
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=getattr(torch, dtype))
 
 
-def _best_seconds(fn: Callable[[], object], repeats: int) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int) -> float:
     """Best wall time of `fn()` over `repeats` calls, after one warm-up call."""
     fn()
     best = float("inf")
@@ -226,7 +238,7 @@ def matmul_peak(dtype: str, size: int = PEAK_MATMUL_SIZE, repeats: int = PEAK_RE
     a = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
     b = torch.randn(size, size, generator=generator).to(getattr(torch, dtype))
     with torch.inference_mode():
-        seconds = _best_seconds(lambda: a @ b, repeats)
+        seconds = best_seconds(lambda: a @ b, repeats)
     return 2 * size**3 / seconds
 
 
@@ -278,7 +290,7 @@ def _train_step_fn(
     def step() -> float:
         mask = _random_mask(batch, config.num_image_tokens, 0.5)
         ids = torch.cat([class_ids, torch.where(mask, config.mask_token_id, tokens)], dim=1)
-        with _autocast(dtype):
+        with autocast(dtype):
             logits = model(ids, num_logits=config.codebook_size)[:, 1:]
             losses = F.cross_entropy(
                 logits.reshape(-1, config.codebook_size),
@@ -328,14 +340,14 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         results[f"peak_gflops_{dtype}"] = matmul_peak(dtype) / 1e9
 
         def forward(dtype: str = dtype) -> torch.Tensor:
-            with torch.inference_mode(), _autocast(dtype):
+            with torch.inference_mode(), autocast(dtype):
                 return model(decode_ids, num_logits=config.codebook_size)
 
         model.eval()
-        results[f"forward_{dtype}"] = _best_seconds(forward, args.repeats)
+        results[f"forward_{dtype}"] = best_seconds(forward, args.repeats)
         model.train()
         step = _train_step_fn(model, optimizer, config, args.train_batch, dtype)
-        results[f"train_{dtype}"] = _best_seconds(step, args.repeats)
+        results[f"train_{dtype}"] = best_seconds(step, args.repeats)
     return results
 
 
