@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from maskgit_jax import host_memory
 
-host_memory.relaunch_with_huge_pages(__name__)
+HOST_MALLOC = host_memory.relaunch_with_huge_pages(__name__)
 
 import jax
 import jax.numpy as jnp
@@ -170,7 +170,10 @@ def main() -> None:
     config = config_lib.base_config()
     t = config.transformer
     work = _flops(args.batch, config_lib.sequence_length(config), t.hidden_size, t.mlp_dim)
-    print(f"devices: {jax.devices()[:1]}; PyTorch threads: {args.threads}; load {os.getloadavg()}")
+    print(
+        f"devices: {jax.devices()[:1]}; host malloc: {HOST_MALLOC}; "
+        f"PyTorch threads: {args.threads}; load {os.getloadavg()}"
+    )
     header = (
         f"{'part':24s} {'dtype':9s} {'PyTorch ms':>10s} {'JAX ms':>8s} {'ratio':>6s} "
         f"{'PyTorch GFLOP/s':>15s} {'JAX GFLOP/s':>11s}"
