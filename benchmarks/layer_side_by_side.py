@@ -13,7 +13,9 @@ its inputs as each model makes them: float32 [B, L, H, D] in JAX, [B, H, L, D] i
 compute dtype under autocast), self-attention (both), the attention sub-layer (with
 residual and LayerNorm), the MLP sub-layer (Dense-GELU-Dense, residual, LayerNorm) and the
 whole layer. GFLOP/s count matmuls only. Within one XLA program independent ops overlap and
-fuse across the parts' borders, so parts do not add up to the layer exactly.
+fuse across the parts' borders, so parts do not add up to the layer exactly. Each part is its
+own call, so both sides cast their weights to bf16 on every call (autocast does too); the
+decoding program casts them once per call of all T steps, so a layer runs faster there.
 
   python benchmarks/layer_side_by_side.py [--batch 8] [--dtypes float32 bfloat16] [--repeats 10]
 """
