@@ -71,8 +71,11 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
         jnp.asarray(rng.standard_normal((batch, length, heads, depth)), jnp.float32)
         for _ in range(3)
     )
-    shared = {"dtype": compute, "block_bytes": settings["attention_block_bytes"]}
-    shared["fused"] = settings["fused_attention"]
+    shared = {
+        "dtype": compute,
+        "block_bytes": settings["attention_block_bytes"],
+        "fused": settings["fused_attention"],
+    }
     rates = {"dropout_rate": t.dropout_rate, "attention_dropout_rate": t.attention_dropout_rate}
     modules = {
         "self-attention": transformer.SelfAttention(
