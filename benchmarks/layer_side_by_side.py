@@ -147,7 +147,7 @@ def _torch_parts(batch: int, dtype: str) -> dict[str, Callable[[], object]]:
     parts = {
         "q/k/v/out projections": project,
         "attention core": lambda: attention_module.core(q, k, v),
-        "self-attention": lambda: layer.self_attention(x),
+        "self-attention": lambda: attention_module(x),
         "attention sub-layer": lambda: layer.attention_block(x),
         "MLP sub-layer": lambda: layer.mlp_block(x),
         "whole layer": lambda: layer(x),
