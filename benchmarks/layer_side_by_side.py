@@ -8,17 +8,17 @@ width 768, 16 heads, MLP 3072), through each side's own model code:
   jitted with the compiler options decoding uses (`compile_options.forward_options`);
 - PyTorch: the modules of `pytorch_reference.py` (eval mode, inference mode, bf16 autocast).
 
-Parts: the q/k/v/out projections (with their biases), the attention scores matmul alone
-(q k^T for all (example, head) pairs in one batched matmul of [B, H, L, D] operands in the
-compute dtype: the bare kernel, with float32 output in JAX and autocast's bf16 in PyTorch),
-the attention core (softmax(q k^T) v; its inputs as each model makes them: float32
-[B, L, H, D] in JAX, [B, H, L, D] in the compute dtype under autocast), self-attention (both),
-the attention sub-layer (with residual and LayerNorm), the MLP sub-layer (Dense-GELU-Dense,
-residual, LayerNorm) and the whole layer. GFLOP/s count matmuls only. Within one XLA program
-independent ops overlap and fuse across the parts' borders, so parts do not add up to the
-layer exactly. Each part is its own call, so both sides cast their weights to bf16 on every
-call (autocast does too); the decoding program casts them once per call of all T steps, so a
-layer runs faster there.
+Parts: the q/k/v/out projections (with their biases), the attention scores and context
+matmuls alone (q k^T and p v for all (example, head) pairs, each one batched matmul of
+[B, H, L, *] operands in the compute dtype: the bare kernels, with float32 output in JAX and
+autocast's bf16 in PyTorch), the attention core (softmax(q k^T) v; its inputs as each model
+makes them: float32 [B, L, H, D] in JAX, [B, H, L, D] in the compute dtype under autocast),
+self-attention (both), the attention sub-layer (with residual and LayerNorm), the MLP
+sub-layer (Dense-GELU-Dense, residual, LayerNorm) and the whole layer. GFLOP/s count matmuls
+only. Within one XLA program independent ops overlap and fuse across the parts' borders, so
+parts do not add up to the layer exactly. Each part is its own call, so both sides cast their
+weights to bf16 on every call (autocast does too); the decoding program casts them once per
+call of all T steps, so a layer runs faster there.
 
   python benchmarks/layer_side_by_side.py [--batch 8] [--dtypes float32 bfloat16] [--repeats 10]
 """
@@ -53,6 +53,7 @@ def _flops(batch: int, length: int, width: int, mlp: int) -> dict[str, float]:
     return {
         "q/k/v/out projections": projections,
         "scores matmul": core / 2,
+        "context matmul": core / 2,
         "attention core": core,
         "self-attention": core + projections,
         "attention sub-layer": core + projections,
@@ -97,11 +98,17 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
         ),
         compiler_options=options,
     )
-    heads_major = [jnp.asarray(x.transpose(0, 2, 1, 3), compute) for x in (q, k)]
-    scores = jax.jit(
-        lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32),
-        compiler_options=options,
-    )
+    heads_major = [jnp.asarray(x.transpose(0, 2, 1, 3), compute) for x in (q, k, v)]
+    probabilities = jax.nn.softmax(heads_major[0] @ heads_major[1].swapaxes(-1, -2)).astype(compute)
+
+    def batched_matmul(subscripts: str):
+        return jax.jit(
+            lambda a, b: jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32),
+            compiler_options=options,
+        )
+
+    scores = batched_matmul("bhqd,bhkd->bhqk")
+    context = batched_matmul("bhqk,bhkd->bhqd")
     projections = {
         name: transformer.Projection(
             (heads, depth), ("embed", "heads", "kv"), ("heads", "kv"), dtype=compute
@@ -122,7 +129,8 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
 
     calls = {
         "q/k/v/out projections": lambda: project(projection_params, x, q),
-        "scores matmul": lambda: scores(*heads_major),
+        "scores matmul": lambda: scores(*heads_major[:2]),
+        "context matmul": lambda: context(probabilities, heads_major[2]),
         "attention core": lambda: core(q, k, v),
     }
     for name, module in modules.items():
@@ -147,6 +155,7 @@ def _torch_parts(batch: int, dtype: str) -> dict[str, Callable[[], object]]:
         torch.randn(batch, heads, length, width // heads, generator=generator).to(compute)
         for _ in range(3)
     )
+    probabilities = torch.softmax(q.float() @ k.float().transpose(-2, -1), dim=-1).to(compute)
     attention_module = layer.self_attention
     context = torch.randn(batch, length, width, generator=generator)
 
@@ -157,6 +166,7 @@ def _torch_parts(batch: int, dtype: str) -> dict[str, Callable[[], object]]:
     parts = {
         "q/k/v/out projections": project,
         "scores matmul": lambda: torch.matmul(q, k.transpose(-2, -1)),
+        "context matmul": lambda: torch.matmul(probabilities, v),
         "attention core": lambda: attention_module.core(q, k, v),
         "self-attention": lambda: attention_module(x),
         "attention sub-layer": lambda: layer.attention_block(x),
