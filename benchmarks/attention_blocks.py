@@ -2,9 +2,9 @@
 
 The imagenet256 shapes (16 heads of 48, 257 tokens) on the default device: the attention core
 (scores, softmax, context; 24 layers) in one block, in blocks of `CPU_BLOCK_BYTES` and of 4x
-that, and through `jax.nn.dot_product_attention`; then the whole transformer forward pass in
-one block against the backend's default (`models.attention.default_attention`). Batch 64
-should cost no more per image than batch 8.
+that, and through `jax.nn.dot_product_attention` (XLA's, and on GPU cuDNN's); then the whole
+transformer forward pass in one einsum block against the backend's default
+(`models.attention.default_attention`). Batch 64 should cost no more per image than batch 8.
 
   python benchmarks/attention_blocks.py [--batch 8 64] [--dtypes float32 bfloat16]
 """
@@ -46,8 +46,10 @@ def main() -> None:
         for batch in args.batch:
             shape = (batch, length, heads, t.hidden_size // heads)
             q, k, v = (jax.random.normal(jax.random.PRNGKey(i), shape) for i in range(3))
-            ways = {name: dict(block_bytes=budget, fused=False) for name, budget in budgets.items()}
-            ways["jax.nn.dot_product_attention"] = dict(fused=True)
+            ways = {name: dict(block_bytes=budget) for name, budget in budgets.items()}
+            ways["jax.nn.dot_product_attention, XLA"] = dict(implementation=attention.XLA)
+            if jax.default_backend() == "gpu":
+                ways["jax.nn.dot_product_attention, cuDNN"] = dict(implementation=attention.CUDNN)
             for name, way in ways.items():
                 attend = jax.jit(
                     lambda q, k, v, way=way, dtype=dtype: attention.multi_head_attention(
@@ -56,13 +58,18 @@ def main() -> None:
                 )
                 seconds = _seconds_per_call(attend, (q, k, v), args.repeats)
                 print(
-                    f"{dtype.name:8s} batch {batch:3d} attention, {name:28s} "
+                    f"{dtype.name:8s} batch {batch:3d} attention, {name:36s} "
                     f"{1e3 * seconds * t.num_layers / batch:7.1f} ms/image"
                 )
             ids = jnp.zeros((batch, length), jnp.int32)  # Token ids do not change the cost.
             default = build_transformer(config, dtype=dtype)
             for name, model in (
-                ("one block", default.clone(attention_block_bytes=None, fused_attention=False)),
+                (
+                    "one einsum block",
+                    default.clone(
+                        attention_block_bytes=None, attention_implementation=attention.EINSUM
+                    ),
+                ),
                 ("default", default),
             ):
                 variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), ids))

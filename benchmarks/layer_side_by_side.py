@@ -79,7 +79,7 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
     shared = {
         "dtype": compute,
         "block_bytes": settings["attention_block_bytes"],
-        "fused": settings["fused_attention"],
+        "implementation": settings["attention_implementation"],
     }
     rates = {"dropout_rate": t.dropout_rate, "attention_dropout_rate": t.attention_dropout_rate}
     modules = {
@@ -94,7 +94,12 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
     }
     core = jax.jit(
         lambda q, k, v: attention.multi_head_attention(
-            q, k, v, dtype=compute, block_bytes=shared["block_bytes"], fused=shared["fused"]
+            q,
+            k,
+            v,
+            dtype=compute,
+            block_bytes=shared["block_bytes"],
+            implementation=shared["implementation"],
         ),
         compiler_options=options,
     )

@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import flax.linen as nn
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.cudnn import fused_attention_stablehlo
 from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
 
 from maskgit_jax import config_lib
@@ -207,31 +209,82 @@ def test_attention_block_shape_fits_the_budget(batch, heads, budget, expected):
     assert attention.block_shape(batch, heads, 257, 257, budget) == expected
 
 
+@pytest.mark.parametrize("implementation", [attention.XLA, attention.CUDNN])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_fused_attention_is_the_same_function(dtype):
-    # jax.nn.dot_product_attention (cuDNN on GPU, XLA here) against the einsum core.
+def test_fused_attention_is_the_same_function(dtype, implementation, caplog):
+    # jax.nn.dot_product_attention against the einsum core; here cuDNN declines (no GPU) and
+    # XLA's attention runs, saying so for the dtypes cuDNN would take.
+    attention._log_fallback.cache_clear()
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 21)
     variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
     einsum = _tiny_transformer(dtype).apply(variables, ids)
-    fused_model = _tiny_transformer(dtype).clone(fused_attention=True)
-    fused = fused_model.apply(variables, ids)
+    fused_model = _tiny_transformer(dtype).clone(attention_implementation=implementation)
+    with caplog.at_level(logging.WARNING):
+        fused = fused_model.apply(variables, ids)
     tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
     np.testing.assert_allclose(np.asarray(fused), np.asarray(einsum), rtol=0, atol=tolerance)
-    # Attention dropout is not in the fused kernel: training keeps the einsum core.
+    declined = "cuDNN attention declined" in caplog.text
+    assert declined == (implementation == attention.CUDNN and dtype == jnp.bfloat16)
+    # Attention dropout is not in the fused kernels: training keeps the einsum core.
     rngs = {"dropout": jax.random.PRNGKey(2)}
     dropped = fused_model.apply(variables, ids, deterministic=False, rngs=rngs)
     expected = _tiny_transformer(dtype).apply(variables, ids, deterministic=False, rngs=rngs)
     np.testing.assert_allclose(np.asarray(dropped), np.asarray(expected), rtol=0, atol=1e-6)
 
 
+def _cuda_program(model, variables, ids, deterministic=True) -> str:
+    """The StableHLO `model.apply` lowers to for a CUDA GPU, with cuDNN's hardware checks
+    answered as a Hopper GPU with cuDNN 9.10 would answer them (this machine has neither).
+    """
+    checks = {
+        "check_cudnn_version": lambda: 91000,
+        "check_compute_capability": lambda capability: True,
+        "is_cuda_compute_capability_equal": lambda capability: False,
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, answer in checks.items():
+            patch.setattr(fused_attention_stablehlo, name, answer)
+
+        def apply(variables, ids, rng):
+            return model.apply(variables, ids, deterministic=deterministic, rngs={"dropout": rng})
+
+        traced = jax.jit(apply).trace(variables, ids, jax.random.PRNGKey(2))
+        return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_gpu_program_runs_attention_on_cudnn():
+    # What a GPU compiles: one cuDNN fused attention per layer in bf16 decoding, none where
+    # attention dropout applies (training) or the dtype is float32 (cuDNN takes bf16/fp16).
+    ids = jnp.zeros((2, 17), jnp.int32)
+    variables = _tiny_transformer().init(jax.random.PRNGKey(1), ids)
+    model = _tiny_transformer(jnp.bfloat16).clone(attention_implementation=attention.CUDNN)
+    cudnn_calls = _cuda_program(model, variables, ids).count("__cudnn$fmha")
+    assert cudnn_calls == model.num_layers
+    assert "__cudnn$fmha" not in _cuda_program(model, variables, ids, deterministic=False)
+    float32 = model.clone(dtype=jnp.float32)
+    assert "__cudnn$fmha" not in _cuda_program(float32, variables, ids)
+
+
+def test_unknown_attention_implementation_is_named():
+    q = jnp.zeros((1, 3, 2, 4))
+    with pytest.raises(ValueError, match="'flash'.*einsum"):
+        attention.multi_head_attention(q, q, q, implementation="flash")
+
+
 def test_build_transformer_picks_attention_per_backend():
     config = config_lib.base_config()
     on_cpu = build_transformer(config, backend="cpu")
-    assert (on_cpu.attention_block_bytes, on_cpu.fused_attention) == (
+    assert (on_cpu.attention_block_bytes, on_cpu.attention_implementation) == (
         attention.CPU_BLOCK_BYTES,
-        False,
+        attention.EINSUM,
     )
-    for backend in ("gpu", "tpu"):
+    for backend, implementation in (("gpu", attention.CUDNN), ("tpu", attention.XLA)):
         model = build_transformer(config, backend=backend)
-        assert (model.attention_block_bytes, model.fused_attention) == (None, True)
-    assert build_transformer(config).fused_attention == (jax.default_backend() != "cpu")
+        assert (model.attention_block_bytes, model.attention_implementation) == (
+            None,
+            implementation,
+        )
+    assert (
+        build_transformer(config).attention_implementation
+        == (attention.default_attention()["attention_implementation"])
+    )

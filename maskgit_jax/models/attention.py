@@ -1,11 +1,14 @@
 """Multi-head attention core, computed the way each backend runs it fastest.
 
-Two implementations of the same function, softmax(q k^T) v:
-- blocks of (examples, heads) whose float32 score block stays near `block_bytes`: on CPU a
-  [B, H, L, L] score tensor of a large batch falls out of cache (batch 64 ran at half the
+Three implementations of the same function, softmax(q k^T) v (`IMPLEMENTATIONS`):
+- "einsum": blocks of (examples, heads) whose float32 score block stays near `block_bytes`: on
+  CPU a [B, H, L, L] score tensor of a large batch falls out of cache (batch 64 ran at half the
   per-image speed of batch 8), while 2 MiB blocks keep every batch size at its best;
-- `jax.nn.dot_product_attention` (cuDNN flash attention on GPU in bf16, XLA elsewhere) when
-  no dropout is applied to the probabilities, which it does not support.
+- "cudnn": `jax.nn.dot_product_attention` on cuDNN's fused flash attention (GPU, bf16/fp16);
+  where cuDNN declines the call (no cuDNN, float32, an unsupported shape) it runs as "xla";
+- "xla": `jax.nn.dot_product_attention` as XLA compiles it (its default on every backend).
+The fused two take no dropout on the probabilities, so with attention dropout (training) the
+einsum core runs whatever the choice.
 """
 
 import functools
@@ -14,8 +17,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 Array = jax.Array
+
+EINSUM, XLA, CUDNN = "einsum", "xla", "cudnn"
+IMPLEMENTATIONS = (EINSUM, XLA, CUDNN)
+# The compute dtypes cuDNN's fused attention takes.
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 # Float32 scores per block on CPU: 8 (example, head) pairs of 257 x 257 (2.1 MB). Measured
 # with benchmarks/attention_blocks.py on a 2-core Xeon: blocks of 2-4 heads x 2-4 examples
@@ -28,13 +37,15 @@ MAX_HEADS_PER_BLOCK = 4
 def default_attention(backend: str | None = None) -> dict[str, Any]:
     """The attention settings of `MaskedTransformer` that are fastest on `backend`.
 
-    CPU: byte-sized blocks of the einsum core. GPU and TPU: one block, and the fused
-    `jax.nn.dot_product_attention` wherever no attention dropout is applied.
+    CPU: byte-sized blocks of the einsum core. GPU: cuDNN's fused attention; TPU: XLA's
+    (`jax.nn.dot_product_attention`), each wherever no attention dropout is applied, and one
+    einsum block where it is.
     """
     backend = backend or jax.default_backend()
     if backend == "cpu":
-        return {"attention_block_bytes": CPU_BLOCK_BYTES, "fused_attention": False}
-    return {"attention_block_bytes": None, "fused_attention": True}
+        return {"attention_block_bytes": CPU_BLOCK_BYTES, "attention_implementation": EINSUM}
+    implementation = CUDNN if backend in ("gpu", "cuda") else XLA
+    return {"attention_block_bytes": None, "attention_implementation": implementation}
 
 
 def block_shape(
@@ -65,7 +76,7 @@ def multi_head_attention(
     *,
     dtype: Any = jnp.float32,
     block_bytes: int | None = None,
-    fused: bool = False,
+    implementation: str = EINSUM,
     allowed: Array | None = None,
     dropout_keep: Array | None = None,
     dropout_rate: float = 0.0,
@@ -75,15 +86,18 @@ def multi_head_attention(
     The query comes scaled. Matmul operands are cast to `dtype`; scores and softmax are
     float32. `allowed` [Q, K] (True where a query may see a key) masks scores. `dropout_keep`
     [H, Q, K] (True where a probability is kept, shared by all examples) applies dropout at
-    `dropout_rate` to the probabilities. `fused` uses `jax.nn.dot_product_attention` when there
-    is no dropout; otherwise the work runs in blocks of about `block_bytes` float32 scores,
-    with a hand-written backward pass (`_blocked_attention`).
+    `dropout_rate` to the probabilities. `implementation` (one of `IMPLEMENTATIONS`) other than
+    "einsum" runs `jax.nn.dot_product_attention` when there is no dropout; otherwise the work
+    runs in blocks of about `block_bytes` float32 scores, with a hand-written backward pass
+    (`_blocked_attention`).
     """
-    if fused and dropout_keep is None:
-        query, key, value = (x.astype(dtype) for x in (query, key, value))
-        mask = None if allowed is None else allowed[None, None]
-        context = jax.nn.dot_product_attention(query, key, value, mask=mask, scale=1.0)
-        return context.astype(jnp.float32)
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Unknown attention implementation {implementation!r}; expected one of "
+            f"{IMPLEMENTATIONS}."
+        )
+    if implementation != EINSUM and dropout_keep is None:
+        return _fused_attention(query, key, value, allowed, jnp.dtype(dtype), implementation)
     batch, queries, num_heads, _ = query.shape
     blocks = block_shape(batch, num_heads, queries, key.shape[1], block_bytes)
     keep_scale = None
@@ -92,6 +106,36 @@ def multi_head_attention(
     input_dtypes = tuple(x.dtype for x in (query, key, value))
     attend = _blocked_attention(jnp.dtype(dtype), blocks, input_dtypes)
     return attend(query, key, value, allowed, keep_scale)
+
+
+def _fused_attention(
+    query: Array, key: Array, value: Array, allowed: Array | None, dtype: jnp.dtype, kind: str
+) -> Array:
+    """`jax.nn.dot_product_attention` on cuDNN (`kind` "cudnn", where it takes the call) or XLA.
+
+    cuDNN's checks (library present, dtype, head size, GPU generation) run while tracing, so
+    a declined call falls back to XLA's attention before anything is compiled.
+    """
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
+    mask = None if allowed is None else allowed[None, None]
+    if kind == CUDNN and dtype in _CUDNN_DTYPES:
+        try:
+            context = jax.nn.dot_product_attention(
+                query, key, value, mask=mask, scale=1.0, implementation=CUDNN
+            )
+            return context.astype(jnp.float32)
+        except (RuntimeError, NotImplementedError, ValueError) as declined:
+            _log_fallback(f"{type(declined).__name__}: {declined}")
+    context = jax.nn.dot_product_attention(
+        query, key, value, mask=mask, scale=1.0, implementation=XLA
+    )
+    return context.astype(jnp.float32)
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    """Says once per reason that cuDNN declined the attention and XLA's runs instead."""
+    logging.warning("cuDNN attention declined (%s); using XLA's attention.", reason)
 
 
 @functools.cache

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from maskgit_jax.models.attention import multi_head_attention
+from maskgit_jax.models.attention import EINSUM, multi_head_attention
 from maskgit_jax.models.dropout import dropout, keep_mask
 from maskgit_jax.models.matmul import matmul
 
@@ -144,8 +144,8 @@ class Embed(nn.Module):
 class SelfAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections (the released layout).
 
-    `block_bytes` and `fused` choose how the attention core runs (see `models.attention`);
-    the function is the same either way.
+    `block_bytes` and `implementation` choose how the attention core runs (see
+    `models.attention`); the function is the same either way.
     """
 
     num_heads: int
@@ -153,7 +153,7 @@ class SelfAttention(nn.Module):
     attention_dropout_rate: float
     dtype: Any = jnp.float32
     block_bytes: int | None = None
-    fused: bool = False
+    implementation: str = EINSUM
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -177,7 +177,7 @@ class SelfAttention(nn.Module):
             value,
             dtype=self.dtype,
             block_bytes=self.block_bytes,
-            fused=self.fused,
+            implementation=self.implementation,
             dropout_keep=keep,
             dropout_rate=self.attention_dropout_rate,
         )
@@ -201,7 +201,7 @@ class Attention(nn.Module):
     attention_dropout_rate: float
     dtype: Any = jnp.float32
     block_bytes: int | None = None
-    fused: bool = False
+    implementation: str = EINSUM
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -211,7 +211,7 @@ class Attention(nn.Module):
             self.attention_dropout_rate,
             self.dtype,
             self.block_bytes,
-            self.fused,
+            self.implementation,
             name="self_attention",
         )(x, deterministic)
         attended = _dropout(self, attended, self.dropout_rate, deterministic)
@@ -245,7 +245,7 @@ class TransformerLayer(nn.Module):
     attention_dropout_rate: float
     dtype: Any = jnp.float32
     block_bytes: int | None = None
-    fused: bool = False
+    implementation: str = EINSUM
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
@@ -256,7 +256,7 @@ class TransformerLayer(nn.Module):
             self.attention_dropout_rate,
             self.dtype,
             self.block_bytes,
-            self.fused,
+            self.implementation,
         )(x, deterministic)
         return Mlp(self.hidden_size, self.mlp_dim, self.dropout_rate, self.dtype)(x, deterministic)
 
@@ -309,7 +309,7 @@ class MaskedTransformer(nn.Module):
     remat: bool = False
     # How the attention core runs (models.attention.default_attention picks per backend).
     attention_block_bytes: int | None = None
-    fused_attention: bool = False
+    attention_implementation: str = EINSUM
 
     @nn.compact
     def __call__(
@@ -330,7 +330,7 @@ class MaskedTransformer(nn.Module):
                 self.attention_dropout_rate,
                 self.dtype,
                 self.attention_block_bytes,
-                self.fused_attention,
+                self.attention_implementation,
                 name=f"TransformerLayer_{i}",
             )(x, deterministic)
         return MlmLayer(self.hidden_size, self.vocab_size, self.dtype)(
