@@ -3,7 +3,9 @@
 #   1. train-step MFU of the imagenet256 transformer in fp32 and bf16 (benchmarks/train_speed.py),
 #   2. decoding images/s at T = 8, 12, 16 (benchmarks/sample_speed.py),
 #   3. MaskGIT against KV-cached autoregressive decoding of the same grid
-#      (benchmarks/decode_speed.py).
+#      (benchmarks/decode_speed.py),
+#   4. the attention core per implementation: einsum blocks, XLA's and (GPU) cuDNN's fused
+#      attention, and the forward pass with the backend's default (benchmarks/attention_blocks.py).
 # Each script measures its dtype's dense-matmul peak in the same run and prints utilisation
 # against it; compare with the data sheet (H100 SXM 989 TFLOP/s bf16 dense, H200 the same).
 #
@@ -32,3 +34,6 @@ echo "== 3. MaskGIT vs autoregressive (KV cache), bf16, batch ${DECODE_BATCH}"
 # shellcheck disable=SC2086
 python benchmarks/decode_speed.py --batch "${DECODE_BATCH}" --steps ${STEPS} \
   --repeats "${REPEATS}" --dtype bfloat16
+echo "== 4. attention implementations, bf16, batch 8 and ${DECODE_BATCH}"
+python benchmarks/attention_blocks.py --batch 8 "${DECODE_BATCH}" --dtypes bfloat16 \
+  --repeats "${REPEATS}"
