@@ -288,3 +288,18 @@ def test_build_transformer_picks_attention_per_backend():
         build_transformer(config).attention_implementation
         == (attention.default_attention()["attention_implementation"])
     )
+
+
+def test_attention_override_replaces_the_backends_choice(monkeypatch):
+    config = config_lib.base_config()
+    monkeypatch.setenv(attention.OVERRIDE_VARIABLE, attention.XLA)
+    on_cpu = build_transformer(config, backend="cpu")
+    assert (on_cpu.attention_block_bytes, on_cpu.attention_implementation) == (
+        attention.CPU_BLOCK_BYTES,
+        attention.XLA,
+    )
+    monkeypatch.setenv(attention.OVERRIDE_VARIABLE, attention.EINSUM)
+    assert build_transformer(config, backend="gpu").attention_implementation == attention.EINSUM
+    monkeypatch.setenv(attention.OVERRIDE_VARIABLE, "flash")
+    with pytest.raises(RuntimeError, match="MASKGIT_JAX_ATTENTION='flash'.*'einsum'"):
+        build_transformer(config, backend="gpu")

@@ -368,8 +368,8 @@ def test_corrupt_orbax_files_give_one_clear_error(saved, damage, capfd):
 # Entry points with relative paths, as a user types them.
 
 
-def _run(module, *args, cwd):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
+def _run(module, *args, cwd, **variables):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu", **variables)
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     env.pop("XLA_FLAGS", None)
     command = [sys.executable, "-m", module, *args]
@@ -413,6 +413,21 @@ def test_convert_official_then_sample_with_relative_paths(model, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert names == ["00000_class0.png", "00001_class3.png", "grid.png"]
+
+    # MASKGIT_JAX_ATTENTION picks the attention implementation; a wrong name stops the run
+    # before it writes anything.
+    sample = ("--checkpoint=out", "--labels=0", "--num_steps=2", "--batch_size=1")
+    done = _run(
+        "maskgit_jax.sample", *sample, "--output=xla", cwd=tmp_path, MASKGIT_JAX_ATTENTION="xla"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "xla" / "grid.png").exists()
+    done = _run(
+        "maskgit_jax.sample", *sample, "--output=bad", cwd=tmp_path, MASKGIT_JAX_ATTENTION="flash"
+    )
+    assert done.returncode != 0
+    assert "MASKGIT_JAX_ATTENTION='flash' names no attention implementation" in done.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 # ---------------------------------------------------------------------------------------------

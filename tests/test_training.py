@@ -27,6 +27,7 @@ from PIL import Image
 from maskgit_jax import config_lib, host_memory, main, sharding
 from maskgit_jax.checkpoints import manager as checkpoints
 from maskgit_jax.checkpoints import pretrained
+from maskgit_jax.models import attention
 from maskgit_jax.training import loop as train_loop
 from maskgit_jax.training import masking
 from maskgit_jax.training import tokenizer as train_tokenizer
@@ -644,6 +645,21 @@ def test_stage_both_checks_the_transformer_before_the_tokenizer_trains(
         lambda: main.train_and_evaluate(config, tmp_path),
         ValueError,
         match,
+        tmp_path / "tokenizer",
+        limit_s=10.0,
+    )
+    assert not (tmp_path / "tokenizer").exists()
+
+
+def test_stage_both_checks_the_attention_override_before_the_tokenizer_trains(
+    tmp_path, data_dir, monkeypatch
+):
+    monkeypatch.setenv(attention.OVERRIDE_VARIABLE, "flash")
+    config = tiny_config(data_dir, stage="both")
+    _assert_fails_fast(
+        lambda: main.train_and_evaluate(config, tmp_path),
+        RuntimeError,
+        r"MASKGIT_JAX_ATTENTION='flash' names no attention implementation",
         tmp_path / "tokenizer",
         limit_s=10.0,
     )

@@ -12,6 +12,7 @@ einsum core runs whatever the choice.
 """
 
 import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,11 @@ Array = jax.Array
 
 EINSUM, XLA, CUDNN = "einsum", "xla", "cudnn"
 IMPLEMENTATIONS = (EINSUM, XLA, CUDNN)
+# Set to one of IMPLEMENTATIONS, it replaces the backend's choice in `default_attention` (to
+# compare them in the real programs, or to leave a GPU's cuDNN kernel out).
+OVERRIDE_VARIABLE = "MASKGIT_JAX_ATTENTION"
+# Each backend's fastest implementation (XLA's attention where not listed).
+_BACKEND_IMPLEMENTATIONS = {"cpu": EINSUM, "gpu": CUDNN, "cuda": CUDNN}
 # The compute dtypes cuDNN's fused attention takes.
 _CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -39,13 +45,18 @@ def default_attention(backend: str | None = None) -> dict[str, Any]:
 
     CPU: byte-sized blocks of the einsum core. GPU: cuDNN's fused attention; TPU: XLA's
     (`jax.nn.dot_product_attention`), each wherever no attention dropout is applied, and one
-    einsum block where it is.
+    einsum block where it is. `OVERRIDE_VARIABLE`, where set, names the implementation instead.
     """
     backend = backend or jax.default_backend()
-    if backend == "cpu":
-        return {"attention_block_bytes": CPU_BLOCK_BYTES, "attention_implementation": EINSUM}
-    implementation = CUDNN if backend in ("gpu", "cuda") else XLA
-    return {"attention_block_bytes": None, "attention_implementation": implementation}
+    implementation = os.environ.get(OVERRIDE_VARIABLE) or _BACKEND_IMPLEMENTATIONS.get(backend, XLA)
+    if implementation not in IMPLEMENTATIONS:
+        # Not a ValueError: loaders report those as a config that cannot build the model.
+        raise RuntimeError(
+            f"{OVERRIDE_VARIABLE}={implementation!r} names no attention implementation; "
+            f"expected one of {IMPLEMENTATIONS}."
+        )
+    block_bytes = CPU_BLOCK_BYTES if backend == "cpu" else None
+    return {"attention_block_bytes": block_bytes, "attention_implementation": implementation}
 
 
 def block_shape(

@@ -21,6 +21,7 @@ from etils import epath
 from maskgit_jax import config_lib, paths, sharding
 from maskgit_jax.checkpoints import manager as checkpoints
 from maskgit_jax.data import input_pipeline
+from maskgit_jax.models import attention
 
 PyTree = Any
 StepFn = Callable[[PyTree, dict[str, jax.Array], PyTree], tuple[PyTree, dict[str, jax.Array]]]
@@ -127,9 +128,12 @@ def create_sharded_setup(
 def preflight(config: ml_collections.ConfigDict, stages: Sequence[str]) -> None:
     """Checks, before any stage starts, what each of the run's `stages` needs of the devices.
 
-    A `stage=both` run then fails on a transformer batch the mesh cannot split before the
-    tokenizer has trained for hours.
+    A `stage=both` run then fails on a transformer batch the mesh cannot split, or on a
+    MASKGIT_JAX_ATTENTION naming no attention implementation, before the tokenizer has trained
+    for hours.
     """
+    if "transformer" in stages:
+        attention.default_attention()
     mesh = sharding.create_mesh(config.mesh)
     for name in stages:
         section = config_lib.TRAINING_SECTIONS[name]
