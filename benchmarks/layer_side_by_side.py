@@ -93,14 +93,7 @@ def _jax_parts(config, batch: int, dtype: str) -> dict[str, Callable[[], object]
         ),
     }
     core = jax.jit(
-        lambda q, k, v: attention.multi_head_attention(
-            q,
-            k,
-            v,
-            dtype=compute,
-            block_bytes=shared["block_bytes"],
-            implementation=shared["implementation"],
-        ),
+        lambda q, k, v: attention.multi_head_attention(q, k, v, **shared),
         compiler_options=options,
     )
     heads_major = [jnp.asarray(x.transpose(0, 2, 1, 3), compute) for x in (q, k, v)]
