@@ -1,6 +1,7 @@
 """The one sampler's contract: keys drawn one way, chunking, devices, compile reuse, checks."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -129,6 +130,49 @@ def test_new_weights_temperatures_and_guidance_scales_reuse_programs(pipes):
     assert np.any(after != before)
     assert pipe._decode_cache_size() == programs
     assert pipe._decode._cache_size() == decoders
+
+
+def test_bf16_kernels_are_cast_once_and_follow_new_weights(pipes):
+    full = pipes["full"]
+    kept, per_call = (
+        pipeline.MaskGITPipeline(
+            full.config,
+            full.tokenizer_variables,
+            full.transformer_variables,
+            devices=jax.devices()[:4],
+            keep_cast_weights=keep,
+        )
+        for keep in (True, False)
+    )
+    options = kept.options(num_steps=NUM_STEPS, dtype="bfloat16")
+    first = kept.generate_tokens(LABELS, KEY, options)
+    source, cast = kept._cast_weights
+    assert source is kept.transformer_variables and set(cast) == {"bfloat16"}
+    kernels = cast["bfloat16"]
+    leaves = jax.tree_util.tree_leaves_with_path(kernels)
+    assert {leaf.dtype for path, leaf in leaves if path[-1].key == "kernel"} == {
+        jnp.dtype(jnp.bfloat16)
+    }
+    assert {leaf.dtype for path, leaf in leaves if path[-1].key == "bias"} == {
+        jnp.dtype(jnp.float32)
+    }
+    assert all(len(leaf.sharding.device_set) == 4 for _, leaf in leaves)
+    # The next call reuses the cast copy; a sampler that does not keep it decodes the same.
+    np.testing.assert_array_equal(kept.generate_tokens(LABELS, KEY, options), first)
+    assert kept._cast_weights[1]["bfloat16"] is kernels
+    np.testing.assert_array_equal(per_call.generate_tokens(LABELS, KEY, options), first)
+    assert per_call._cast_weights == (None, {})
+    # New weights are cast anew, whether set or assigned.
+    scaled = jax.tree.map(lambda x: 1.5 * np.asarray(x), full.transformer_variables)
+    kept.set_variables(transformer_variables=scaled)
+    per_call.set_variables(transformer_variables=scaled)
+    after = kept.generate_tokens(LABELS, KEY, options)
+    assert np.any(after != first)
+    np.testing.assert_array_equal(after, per_call.generate_tokens(LABELS, KEY, options))
+    kept.transformer_variables = jax.device_put(full.transformer_variables, kept._replicated)
+    np.testing.assert_array_equal(kept.generate_tokens(LABELS, KEY, options), first)
+    # float32 decodes from the variables themselves.
+    assert kept._cast_variables(jnp.float32) is kept.transformer_variables
 
 
 def test_class_label_conditions_only_its_own_row(pipes):

@@ -258,6 +258,7 @@ class SampleQuality:
                 tokenizer_variables,
                 transformer_variables,
                 devices=list(self.mesh.devices.flat),
+                keep_cast_weights=False,
             )
             self.options = self.pipeline.options(dtype=self.dtype)
         else:

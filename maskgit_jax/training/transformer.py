@@ -282,7 +282,7 @@ def train_and_evaluate(
     built = build_stage(config, None if pretokenized_run else tokenizer_variables)
     trainer = built.trainer
     # The grids' sampler: this process's devices, weights replaced at each grid.
-    grid_sampler = MaskGITPipeline(config, tokenizer_variables, None)
+    grid_sampler = MaskGITPipeline(config, tokenizer_variables, None, keep_cast_weights=False)
     _, eval_ds, _ = input_pipeline.create_datasets(
         config.dataset,
         image_size=config.image_size,
