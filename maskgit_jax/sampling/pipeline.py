@@ -296,7 +296,7 @@ class MaskGITPipeline:
     def _cast_variables(self, dtype: Any) -> Any:
         """The transformer variables with their matmul kernels in `dtype`, cast once.
 
-        Casting in every decoding program cost 170 ms of a bf16 imagenet256 call (batch 8,
+        Casting in every decoding program cost 161-195 ms of a bf16 imagenet256 call (batch 8,
         `benchmarks/op_profile.py --program decode`), about 2% of a T=8 call; the cast copy is
         kept for the next call while `transformer_variables` stay the same object
         (`keep_cast_weights`).
@@ -341,7 +341,6 @@ class MaskGITPipeline:
         """
         window_key = jax.random.fold_in(rng, window_index)
         keys = jax.vmap(lambda row: jax.random.fold_in(window_key, row))(rows)
-        # Cast the weights to the compute dtype once, not in every decoding step.
         order_score = None
         if ordering != "confidence":
             order_score = jnp.asarray(orders.named_order_score(ordering, self.grid_side))
