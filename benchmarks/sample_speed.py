@@ -21,7 +21,6 @@ import train_speed
 from flax import linen as nn
 
 from maskgit_jax import config_lib
-from maskgit_jax.decoding.logits import cast_matmul_kernels
 from maskgit_jax.sampling.pipeline import MaskGITPipeline
 from maskgit_jax.training import flops
 
@@ -110,7 +109,7 @@ def main():
         forward = {}
         for name in ("float32", "bfloat16"):
             logits_fn = pipe._logits_fn(pipe.options(dtype=name))
-            weights = cast_matmul_kernels(pipe.transformer_variables, jnp.dtype(name))
+            weights = pipe._cast_variables(name)
             forward[name] = jax.jit(logits_fn)((weights, 0.0), half_known)
         agreement = np.mean(np.argmax(forward["bfloat16"], -1) == np.argmax(forward["float32"], -1))
         print(f"bf16 argmax tokens equal to fp32 on one forward pass: {100 * agreement:.2f}%")

@@ -309,10 +309,9 @@ class MaskGITPipeline:
             cast = {}
         if name not in cast:
             cast[name] = _cast_kernels(self.transformer_variables, jnp.dtype(dtype))
-        variables = cast[name]
-        kept = (self.transformer_variables, cast) if self.keep_cast_weights else (None, {})
-        self._cast_weights = kept
-        return variables
+        if self.keep_cast_weights:
+            self._cast_weights = (self.transformer_variables, cast)
+        return cast[name]
 
     def _decode_cache_size(self) -> int:
         """How many decoding programs this pipeline has compiled (to check that calls reuse one)."""
