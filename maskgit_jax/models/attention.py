@@ -159,13 +159,17 @@ def _blocked_attention(
     padded to full size and summed (on CPU the imagenet256 bf16 train step spent ~10% there),
     and the backward matmuls multiply a float32 cotangent by bf16 operands, so they run in
     float32. The written-out VJP differentiates block by block, concatenating the blocks'
-    gradients, and casts the cotangents to `dtype` like `models.matmul`. It is the usual
-    softmax attention backward (dS = P * (dP - rowsum(dP * P))); in float32 it is autodiff's
-    arithmetic. Residuals are the compute-dtype q, k, v and the float32 probabilities.
+    gradients, and casts the cotangents to `dtype` like `models.matmul`. It is softmax
+    attention's backward with FlashAttention's arithmetic: the forward keeps exp(scores - max)
+    unnormalised and scales each block's [Q, D] output by 1/rowsum instead of dividing the
+    [Q, K] probabilities, and the backward takes rowsum(dP * P) as rowsum(grad * output), a
+    [Q, D] product. Residuals are the compute-dtype q, k, v, the float32 exps, 1/rowsum and
+    the blocks' outputs. In float32 it is autodiff's gradient up to rounding.
     imagenet256 train step, batch 4 on a 2-core AMX Xeon (`benchmarks/train_speed.py --batch 4`):
-    bf16 3.26 -> 2.37 s (one block with autodiff: 2.72 s), fp32 5.01 -> 4.76 s.
+    bf16 3.26 -> 2.37 s (one block with autodiff: 2.72 s), fp32 5.01 -> 4.76 s; the
+    unnormalised softmax then bf16 2.27-2.34 -> 2.18-2.29 s (fp32 within its noise).
     Called without a gradient (decoding, evaluation), the primal `context_only` runs instead:
-    it keeps no residuals and, in bf16, normalises after the value matmul.
+    it keeps no residuals and, in bf16, takes the row sums from the value matmul.
     """
     examples, heads = blocks
 
@@ -191,14 +195,14 @@ def _blocked_attention(
         return scores
 
     def context_only(query, key, value, allowed, keep_scale):
-        """The output without residuals (no gradient asked); in bf16, normalised at the end.
+        """The output without residuals (no gradient asked); in bf16, row sums from [v, 1].
 
-        exp(scores - max) multiplies [v, 1]: the last column is each row's sum, and dividing
-        the context by it replaces softmax's sum and normalisation passes over the scores.
+        exp(scores - max) multiplies [v, 1]: the last column is each row's sum, which replaces
+        the sum pass over the scores.
         imagenet256 bf16 decoding, batch 8, T=8 on a 2-core AMX Xeon, two pipelines
         alternating in one process: 1.03-1.07 -> 1.10-1.13 images/s. float32 decoding (its
         dots on XLA's own path, `compile_options`) was slower that way, 0.38-0.40 -> 0.36-0.38,
-        so float32 keeps `forward`, as does dropout, which needs normalised probabilities.
+        so float32 keeps `forward`'s sum, as does dropout, whose kept weights do not sum to it.
         """
         if keep_scale is not None or dtype == jnp.float32:
             return forward(query, key, value, allowed, keep_scale)[0]
@@ -219,42 +223,52 @@ def _blocked_attention(
         return gather(contexts, batch, num_heads)
 
     def forward(query, key, value, allowed, keep_scale):
+        """The output and its residuals; per block, exp(scores - max) meets the values."""
         q, k, v = (x.astype(dtype) for x in (query, key, value))
         batch, _, num_heads, _ = q.shape
-        contexts, probabilities = [], []
+        contexts, exps, inverse_sums = [], [], []
         for rows, cols in block_slices(batch, num_heads):
             scores = block_scores(q[rows, :, cols], k[rows, :, cols], allowed)
-            probs = jax.nn.softmax(scores, axis=-1)
-            kept = probs if keep_scale is None else probs * keep_scale[cols]
-            contexts.append(
-                jnp.einsum(
-                    "bhqk,bkhd->bqhd",
-                    kept.astype(dtype),
-                    v[rows, :, cols],
-                    preferred_element_type=jnp.float32,
-                )
+            exp = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+            inverse_sum = 1.0 / jnp.sum(exp, axis=-1, keepdims=True)
+            kept = exp if keep_scale is None else exp * keep_scale[cols]
+            weighted = jnp.einsum(
+                "bhqk,bkhd->bqhd",
+                kept.astype(dtype),
+                v[rows, :, cols],
+                preferred_element_type=jnp.float32,
             )
-            probabilities.append(probs)
+            contexts.append(weighted * _swap_heads_and_queries(inverse_sum))
+            exps.append(exp)
+            inverse_sums.append(inverse_sum)
         context = gather(contexts, batch, num_heads)
-        return context, (q, k, v, keep_scale, probabilities)
+        return context, (q, k, v, keep_scale, exps, inverse_sums, contexts)
 
     def backward(residuals, grad_context):
-        q, k, v, keep_scale, probabilities = residuals
-        g = grad_context.astype(dtype)
+        """The VJP from the unnormalised exps.
+
+        With P = exp * s (s = 1/rowsum) and D = rowsum(dP * P) = rowsum(grad * output),
+        dScores = P * (dP - D) = exp * (g' v^T - s D) and dValue = exp^T g', where g' = s grad
+        (dropout's scale applies to the [Q, K] terms as in the forward).
+        """
+        q, k, v, keep_scale, exps, inverse_sums, contexts = residuals
         batch, _, num_heads, _ = q.shape
         grads = ([], [], [])
-        for (rows, cols), probs in zip(block_slices(batch, num_heads), probabilities, strict=True):
-            g_block, q_block, k_block, v_block = (x[rows, :, cols] for x in (g, q, k, v))
-            kept = probs if keep_scale is None else probs * keep_scale[cols]
+        blocks = zip(block_slices(batch, num_heads), exps, inverse_sums, contexts, strict=True)
+        for (rows, cols), exp, inverse_sum, context in blocks:
+            g_block = grad_context[rows, :, cols]
+            q_block, k_block, v_block = (x[rows, :, cols] for x in (q, k, v))
+            row_dots = _swap_heads_and_queries(jnp.sum(g_block * context, axis=-1, keepdims=True))
+            g_scaled = (g_block * _swap_heads_and_queries(inverse_sum)).astype(dtype)
             grad_kept = jnp.einsum(
-                "bqhd,bkhd->bhqk", g_block, v_block, preferred_element_type=jnp.float32
+                "bqhd,bkhd->bhqk", g_scaled, v_block, preferred_element_type=jnp.float32
             )
+            kept = exp if keep_scale is None else exp * keep_scale[cols]
             grad_v = jnp.einsum(
-                "bhqk,bqhd->bkhd", kept.astype(dtype), g_block, preferred_element_type=jnp.float32
+                "bhqk,bqhd->bkhd", kept.astype(dtype), g_scaled, preferred_element_type=jnp.float32
             )
-            grad_probs = grad_kept if keep_scale is None else grad_kept * keep_scale[cols]
-            grad_scores = probs * (grad_probs - jnp.sum(grad_probs * probs, -1, keepdims=True))
-            grad_scores = grad_scores.astype(dtype)
+            grad_exp = grad_kept if keep_scale is None else grad_kept * keep_scale[cols]
+            grad_scores = (exp * (grad_exp - row_dots * inverse_sum)).astype(dtype)
             grad_q = jnp.einsum(
                 "bhqk,bkhd->bqhd", grad_scores, k_block, preferred_element_type=jnp.float32
             )
@@ -275,6 +289,11 @@ def _blocked_attention(
 
     attend.defvjp(forward, backward)
     return attend
+
+
+def _swap_heads_and_queries(x: Array) -> Array:
+    """[e, h, Q, .] <-> [e, Q, h, .]: per-row values of a score block against its outputs."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 def _concatenate(parts: list[Array], axis: int) -> Array:
