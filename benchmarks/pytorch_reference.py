@@ -26,7 +26,8 @@ Times are the best of `--repeats` calls after one warm-up. FLOPs count matmuls o
 each, as `maskgit_jax.training.flops`; train = 3 x forward), and each throughput is also
 given as a fraction of the same dtype's peak. It is the yardstick for this project's JAX
 speed on the same CPU (`benchmarks/train_speed.py`, `benchmarks/sample_speed.py`); other
-scripts call `run(parse_args([...]))`, which returns the seconds and peaks.
+scripts call `run(parse_args([...]))`, which returns the seconds and peaks, or take the
+`timed_calls` to time them their own way.
 
   pip install -e .[benchmarks]
   python benchmarks/pytorch_reference.py [--threads 2] [--decode_batch 8] [--train_batch 4] \
@@ -323,11 +324,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    """Times forward and train step per dtype; returns seconds and peaks.
+def timed_calls(args: argparse.Namespace) -> dict[str, Callable[[], object]]:
+    """The timed calls of one model at random weights: `forward_<dtype>` and `train_<dtype>`.
 
-    Keys: `forward_<dtype>` and `train_<dtype>` (best seconds per call) and
-    `peak_gflops_<dtype>` (GFLOP/s of the 2048x2048 matmul), for each dtype of `args.dtypes`.
+    Each sets the model's mode (eval for the forward, train for the step) itself, so callers
+    may time them in any order (`side_by_side.py` alternates them with this project's).
     """
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -335,19 +336,37 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     model = MaskedTransformer(config)
     optimizer = _adamw(model)
     decode_ids = _decode_inputs(config, args.decode_batch)
-    results = {}
+    calls = {}
     for dtype in args.dtypes:
-        results[f"peak_gflops_{dtype}"] = matmul_peak(dtype) / 1e9
 
         def forward(dtype: str = dtype) -> torch.Tensor:
+            model.eval()
             with torch.inference_mode(), autocast(dtype):
                 return model(decode_ids, num_logits=config.codebook_size)
 
-        model.eval()
-        results[f"forward_{dtype}"] = best_seconds(forward, args.repeats)
-        model.train()
         step = _train_step_fn(model, optimizer, config, args.train_batch, dtype)
-        results[f"train_{dtype}"] = best_seconds(step, args.repeats)
+
+        def train(step: Callable[[], float] = step) -> float:
+            model.train()
+            return step()
+
+        calls[f"forward_{dtype}"] = forward
+        calls[f"train_{dtype}"] = train
+    return calls
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    """Times forward and train step per dtype; returns seconds and peaks.
+
+    Keys: `forward_<dtype>` and `train_<dtype>` (best seconds per call) and
+    `peak_gflops_<dtype>` (GFLOP/s of the 2048x2048 matmul), for each dtype of `args.dtypes`.
+    """
+    calls = timed_calls(args)
+    results = {}
+    for dtype in args.dtypes:
+        results[f"peak_gflops_{dtype}"] = matmul_peak(dtype) / 1e9
+        for kind in ("forward", "train"):
+            results[f"{kind}_{dtype}"] = best_seconds(calls[f"{kind}_{dtype}"], args.repeats)
     return results
 
 

@@ -1,12 +1,13 @@
 """This project against the PyTorch yardstick on the same CPU, in one run: decode and train step.
 
-Runs `pytorch_reference.run` (an independent PyTorch model of the same imagenet256
-transformer), then this project's decode step (`MaskGITPipeline.generate_tokens` over T
-steps, divided by T: the transformer call plus the sampling around it) and train step
-(`train_speed.time_train_step`, the real donated step), each in float32 and bfloat16, and
-prints the seconds, the ratio PyTorch / JAX (> 1 means this project is faster) and each
-dtype's matmul peak as both frameworks measure it. One after another, so both see the same
-machine state.
+Builds the calls of `pytorch_reference.timed_calls` (an independent PyTorch model of the same
+imagenet256 transformer) and this project's decode step (`MaskGITPipeline.generate_tokens` over
+T steps, divided by T: the transformer call plus the sampling around it) and train step
+(`train_speed.train_step_runner`, the real donated step), each in float32 and bfloat16. Each
+pair (PyTorch's and this project's) is timed in alternation, best of `--repeats` rounds
+(`train_speed.best_times_alternating`), so a drift of the machine's speed within the run falls
+on both. It prints the seconds, the ratio PyTorch / JAX (> 1 means this project is faster) and
+each dtype's matmul peak as both frameworks measure it, before and after that dtype's timings.
 Both run in this one process, so both get the same allocator: glibc malloc on transparent
 huge pages where `maskgit_jax.host_memory` restarts the script with it (as `main` trains),
 glibc's default with MASKGIT_JAX_HUGE_PAGES=0.
@@ -19,6 +20,7 @@ glibc's default with MASKGIT_JAX_HUGE_PAGES=0.
 # ruff: noqa: E402 (the allocator relaunch below must run before the heavy imports)
 import argparse
 import os
+from collections.abc import Callable
 
 from maskgit_jax import host_memory
 
@@ -36,20 +38,22 @@ from maskgit_jax import config_lib
 from maskgit_jax.training import flops
 
 
-def time_decode_step(batch: int, dtype: str, steps: int, repeats: int) -> float:
-    """Seconds per decoding step of class-conditional generation (best of `repeats` runs)."""
+def decode_call(batch: int, dtype: str, steps: int) -> Callable[[], object]:
+    """One class-conditional generation of `steps` decoding steps (the timed JAX decode call)."""
     config = config_lib.base_config()
     pipe = sample_speed.initialised_pipeline(config, devices=jax.devices()[:1])
     labels = np.arange(batch) % config.num_classes
     options = pipe.options(num_steps=steps, dtype=dtype)
-    seconds = train_speed.best_time(
-        lambda: pipe.generate_tokens(labels, jax.random.PRNGKey(1), options), repeats
-    )
-    return seconds / steps
+    return lambda: pipe.generate_tokens(labels, jax.random.PRNGKey(1), options)
+
+
+def time_decode_step(batch: int, dtype: str, steps: int, repeats: int) -> float:
+    """Seconds per decoding step of class-conditional generation (best of `repeats` runs)."""
+    return train_speed.best_time(decode_call(batch, dtype, steps), repeats) / steps
 
 
 def main() -> None:
-    """Times both frameworks per dtype and prints the side-by-side table."""
+    """Times both frameworks per dtype, in alternation, and prints the side-by-side table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--decode_batch", type=int, default=8)
     parser.add_argument("--train_batch", type=int, default=4)
@@ -61,17 +65,17 @@ def main() -> None:
 
     print(f"load average {os.getloadavg()}; amx_bf16: {_has_amx()}", flush=True)
     print(f"host malloc: {HOST_MALLOC}", flush=True)
-    torch_args = pytorch_reference.parse_args(
-        [
-            f"--threads={args.threads}",
-            f"--decode_batch={args.decode_batch}",
-            f"--train_batch={args.train_batch}",
-            f"--repeats={args.repeats}",
-            "--dtypes",
-            *args.dtypes,
-        ]
+    torch_calls = pytorch_reference.timed_calls(
+        pytorch_reference.parse_args(
+            [
+                f"--threads={args.threads}",
+                f"--decode_batch={args.decode_batch}",
+                f"--train_batch={args.train_batch}",
+                "--dtypes",
+                *args.dtypes,
+            ]
+        )
     )
-    torch_times = pytorch_reference.run(torch_args)
     config = config_lib.base_config()
     codebook = config.tokenizer.codebook_size
     work = {
@@ -80,19 +84,22 @@ def main() -> None:
     }
     rows = []
     for dtype in args.dtypes:
-        jax_peak = flops.measure_matmul_peak(jnp.dtype(dtype))
-        decode = time_decode_step(args.decode_batch, dtype, args.steps, args.repeats)
-        train = train_speed.time_train_step(args.train_batch, dtype, args.repeats)
-        jax_peak = max(jax_peak, flops.measure_matmul_peak(jnp.dtype(dtype)))
-        torch_peak = torch_times[f"peak_gflops_{dtype}"] * 1e9
-        for work_name, jax_seconds, batch in (
-            ("decode", decode, args.decode_batch),
-            ("train", train, args.train_batch),
-        ):
-            torch_key = "forward" if work_name == "decode" else "train"
-            torch_seconds = torch_times[f"{torch_key}_{dtype}"]
-            rows.append((work_name, dtype, batch, torch_seconds, jax_seconds, work[work_name]))
-        rows.append(("peak", dtype, None, torch_peak, jax_peak, None))
+        torch_peak, jax_peak = _peaks(dtype)
+        decode = decode_call(args.decode_batch, dtype, args.steps)
+        torch_decode, jax_generate = train_speed.best_times_alternating(
+            [torch_calls[f"forward_{dtype}"], decode], args.repeats
+        )
+        jax_decode = jax_generate / args.steps
+        rows.append(("decode", dtype, args.decode_batch, torch_decode, jax_decode, work["decode"]))
+        train = train_speed.train_step_runner(args.train_batch, dtype)
+        torch_train, jax_train = train_speed.best_times_alternating(
+            [torch_calls[f"train_{dtype}"], train], args.repeats
+        )
+        rows.append(("train", dtype, args.train_batch, torch_train, jax_train, work["train"]))
+        torch_after, jax_after = _peaks(dtype)
+        rows.append(
+            ("peak", dtype, None, max(torch_peak, torch_after), max(jax_peak, jax_after), None)
+        )
         print(f"{dtype} timed; load average {os.getloadavg()}", flush=True)
 
     header = (
@@ -115,6 +122,11 @@ def main() -> None:
             f"{torch_value / jax_value:5.2f}x {rate / 1e9:11.1f} {100 * rate / peaks[dtype]:9.1f}%"
         )
     print("(ratio: PyTorch seconds / JAX seconds, > 1 means JAX is faster; decode = one step)")
+
+
+def _peaks(dtype: str) -> tuple[float, float]:
+    """FLOP/s of each framework's 2048x2048 matmul in `dtype` (PyTorch's, then JAX's)."""
+    return pytorch_reference.matmul_peak(dtype), flops.measure_matmul_peak(jnp.dtype(dtype))
 
 
 def _has_amx() -> bool:

@@ -21,7 +21,7 @@ import argparse
 import importlib.util
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from maskgit_jax import host_memory
 
@@ -50,6 +50,21 @@ def best_time(fn: Callable[[], object], repeats: int, warm_up: bool = True) -> f
         start = time.perf_counter()
         jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - start)
+    return best
+
+
+def best_times_alternating(calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Best wall time of each call over `repeats` rounds that take the calls in turn.
+
+    A drift of the machine's speed (on a shared 2-core VM, 10-25% within minutes) then falls
+    on all of them alike instead of on whichever ran last. Each turn starts with an untimed
+    call: timed right after another framework's call, the imagenet256 train step ran up to
+    2x slower (its allocator and caches left as the other one had them).
+    """
+    best = [float("inf")] * len(calls)
+    for _ in range(repeats):
+        for index, call in enumerate(calls):
+            best[index] = min(best[index], best_time(call, 1))
     return best
 
 
