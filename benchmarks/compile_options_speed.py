@@ -60,12 +60,14 @@ UNSAFE_CPU_CANDIDATES = {
 
 def candidates(names: list[str], dtype: str) -> dict[str, dict[str, Any]]:
     """label -> compiler options for `--candidates` (each distinct option set once)."""
-    known = {"default": {}, "forward options": compile_options.forward_options(jnp.dtype(dtype))}
-    if jax.default_backend() == "cpu":
-        known.update(CPU_CANDIDATES)
-    chosen = list(known) if names == ["all"] else names
-    if jax.default_backend() == "cpu":
-        known.update(UNSAFE_CPU_CANDIDATES)
+    on_cpu = jax.default_backend() == "cpu"
+    safe = {
+        "default": {},
+        "forward options": compile_options.forward_options(jnp.dtype(dtype)),
+        **(CPU_CANDIDATES if on_cpu else {}),
+    }
+    known = {**safe, **(UNSAFE_CPU_CANDIDATES if on_cpu else {})}
+    chosen = list(safe) if names == ["all"] else names
     unknown = [name for name in chosen if name not in known]
     if unknown:
         raise SystemExit(f"unknown candidates {unknown}; choose from {list(known)} or 'all'")
