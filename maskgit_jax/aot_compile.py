@@ -1,18 +1,30 @@
-r"""Ahead-of-time compilation of a training step for a Cloud TPU topology, from a CPU machine.
+r"""Ahead-of-time compilation of a training step for a Cloud TPU or GPU topology, from a CPU.
 
-Answers "does this config fit, and how many FLOPs is a step" before any TPU is rented:
+Answers "does this config fit, and how many FLOPs is a step" before any TPU or GPU is rented:
 
   pip install --target /opt/libtpu "libtpu==0.0.42.*"   # matches jax 0.10.2; not in the
                                                         # test install, only needed here
   PYTHONPATH=/opt/libtpu:. python -m maskgit_jax.aot_compile --config=configs/imagenet256.py \
       --topology=v5e:16x16 --config.mesh.shape="(16,16,1)" --pretokenized
 
+  pip install "jax[cuda12]==0.10.2"   # the CUDA compiler; no GPU or driver needed
+  python -m maskgit_jax.aot_compile --config=configs/imagenet256.py --topology=h100:8 \
+      --config.mesh.shape="(1,8,1)" --pretokenized
+
+GPU topologies are `<gpu>:<GPUs>` or `<gpu>:<hosts>x<GPUs per host>` for the GPUs of
+`gpu_targets.GPUS` (h100, h200), compiled through XLA's CUDA compiler from a description of the
+device (`gpu_targets`). Without a GPU, XLA cannot autotune Triton's matmul tilings (the
+imagenet256 step fails to compile with them), so cuBLAS takes every matmul; on the GPU the
+autotuner may pick Triton instead, which changes speed, not the memory a step needs much.
+XLA gives GPU compile-only programs no cost analysis: the report's FLOPs are the model's.
+
 The step compiled is the real one: the `Stage` of the stage's `build_stage` (the one
-training runs), jitted by `train_loop.jit_train_step` on `train_loop.create_sharded_setup`, so
-the state shardings (logical rules with FSDP fallback), the batch sharding and the donation
-of the state are those of training. The mesh is `sharding.create_mesh(config.mesh, devices=)`
-over the topology's devices, so `--config.mesh.shape` applies unchanged. Inputs are
-ShapeDtypeStructs carrying their shardings; nothing is allocated.
+training runs, its attention chosen for the topology's platform, not this machine's), jitted
+by `train_loop.jit_train_step` on `train_loop.create_sharded_setup`, so the state shardings
+(logical rules with FSDP fallback), the batch sharding and the donation of the state are
+those of training. The mesh is `sharding.create_mesh(config.mesh, devices=)` over the
+topology's devices, so `--config.mesh.shape` applies unchanged. Inputs are ShapeDtypeStructs
+carrying their shardings; nothing is allocated.
 
 Batch forms of the transformer stage:
   * default: {"image", "label"} images, tokenized inside the step by the frozen tokenizer,
@@ -27,7 +39,8 @@ there is the host memory divided by the devices, or `--hbm_gib`.
 Per-chip memory is `compiled.memory_analysis()` of the SPMD program (one device's share):
 total = arguments + outputs - alias + temporaries (outputs aliased to donated arguments are
 counted once). FLOPs are `compiled.cost_analysis()["flops"]`, also per device. The command
-exits with status 1 and a "does not fit" message when the total exceeds the chip's HBM.
+exits with status 1 and a "does not fit" message when the total exceeds the chip's HBM (on a
+GPU, the share of it JAX's client takes: XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 by default).
 """
 
 import dataclasses
@@ -40,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from maskgit_jax import config_lib, sharding
+from maskgit_jax import config_lib, gpu_targets, sharding
 from maskgit_jax.training import flops
 from maskgit_jax.training import loop as train_loop
 
@@ -66,6 +79,8 @@ CHIPS = {
 }
 
 STAGES = ("transformer", "tokenizer")
+# Deviceless GPU compiles cannot autotune Triton's matmul tilings; cuBLAS takes every dot.
+_GPU_COMPILE_ONLY_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 
 
 class LibtpuMissingError(RuntimeError):
@@ -94,7 +109,7 @@ class AotReport:
     temp_bytes: int
     generated_code_bytes: int
     peak_bytes: int | None
-    flops_per_device: float
+    flops_per_device: float | None
     model_flops: float | None
     budget_gib: float | None
     budget_source: str
@@ -132,18 +147,28 @@ class AotReport:
                 f"  budget       {self.budget_gib:9.3f}  ({self.budget_source}): "
                 f"{100 * self.total_bytes / (self.budget_gib * GIB):.0f}% used"
             )
-        total_flops = self.flops_per_device * self.num_devices
-        rows.append(
-            f"FLOPs per step: {self.flops_per_device:.4g} per device, {total_flops:.4g} in all "
-            "(XLA cost analysis)"
-        )
-        if self.model_flops:
+        per_device = self.flops_per_device
+        if per_device is None:
+            rows.append("FLOPs per step: no XLA cost analysis for this platform's programs")
+        else:
+            total_flops = per_device * self.num_devices
             rows.append(
-                f"model FLOPs per step (3 x forward matmuls): {self.model_flops:.4g} "
-                f"(XLA / model = {total_flops / self.model_flops:.2f})"
+                f"FLOPs per step: {per_device:.4g} per device, {total_flops:.4g} in all "
+                "(XLA cost analysis)"
             )
-        if self.peak_bf16_tflops:
-            ideal = self.flops_per_device / (self.peak_bf16_tflops * 1e12)
+        if self.model_flops:
+            ratio = (
+                ""
+                if per_device is None
+                else f" (XLA / model = {total_flops / self.model_flops:.2f})"
+            )
+            rows.append(
+                f"model FLOPs per step (3 x forward matmuls): {self.model_flops:.4g}{ratio}"
+            )
+            if per_device is None:
+                per_device = self.model_flops / self.num_devices
+        if self.peak_bf16_tflops and per_device:
+            ideal = per_device / (self.peak_bf16_tflops * 1e12)
             rows.append(
                 f"step time at 100% of the {self.peak_bf16_tflops:g} TFLOP/s bf16 peak: "
                 f"{1e3 * ideal:.1f} ms (a lower bound)"
@@ -152,12 +177,20 @@ class AotReport:
 
 
 def chip_generation(topology: str) -> str:
-    """'v5e:16x16' -> 'v5e'; 'cpu:8' -> 'cpu'."""
+    """'v5e:16x16' -> 'v5e'; 'h100:8' -> 'h100'; 'cpu:8' -> 'cpu'."""
     return topology.split(":", 1)[0].strip().lower()
 
 
+def platform_of(topology: str) -> str:
+    """The JAX platform a topology's devices are: 'cpu', 'gpu' or 'tpu' (the default)."""
+    generation = chip_generation(topology)
+    if generation == "cpu":
+        return "cpu"
+    return "gpu" if generation in gpu_targets.GPUS else "tpu"
+
+
 def topology_devices(topology: str) -> list[Any]:
-    """The devices of `topology`: TPU topology descriptions via libtpu, or local CPU devices.
+    """The devices of `topology`: TPU topologies via libtpu, GPUs via `gpu_targets`, or CPUs.
 
     'cpu' uses every CPU device; 'cpu:N' the first N (set XLA_FLAGS or JAX_NUM_CPU_DEVICES
     for more than one, before JAX starts; `main` does it for you).
@@ -176,10 +209,13 @@ def topology_devices(topology: str) -> list[Any]:
                 f"JAX_NUM_CPU_DEVICES={count}) before JAX starts."
             )
         return list(devices[:count])
+    if generation in gpu_targets.GPUS:
+        return gpu_targets.compile_only_devices(topology)
     if generation not in CHIPS:
         raise ValueError(
             f"--topology={topology}: unknown chip {generation!r}; use one of "
-            f"{sorted(CHIPS)} (e.g. v5e:4x4, v5p:2x2x2) or cpu:N."
+            f"{sorted(CHIPS)} (e.g. v5e:4x4, v5p:2x2x2), a GPU of {sorted(gpu_targets.GPUS)} "
+            "(e.g. h100:8) or cpu:N."
         )
     from jax.experimental import topologies
 
@@ -204,10 +240,17 @@ def topology_devices(topology: str) -> list[Any]:
 def _memory_budget(topology: str, num_devices: int, hbm_gib: float | None) -> tuple:
     """(GiB per device or None, where the figure comes from, bf16 peak TFLOP/s or None)."""
     generation = chip_generation(topology)
-    chip = CHIPS.get(generation)
+    chip = CHIPS.get(generation) or gpu_targets.GPUS.get(generation)
     peak = chip.peak_bf16_tflops if chip else None
     if hbm_gib is not None:
         return hbm_gib, "--hbm_gib", peak
+    if generation in gpu_targets.GPUS:
+        fraction = gpu_targets.mem_fraction()
+        source = (
+            f"{generation} memory x {fraction:g}, the share JAX takes "
+            f"({gpu_targets.MEM_FRACTION_VARIABLE})"
+        )
+        return chip.memory_gib * fraction, source, peak
     if chip:
         return float(chip.hbm_gib), f"{generation} HBM", peak
     try:
@@ -229,8 +272,8 @@ def _batch_abstract(config, stage: str, pretokenized: bool, global_batch: int) -
     return {"image": image, "label": label}
 
 
-def _built_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: bool):
-    """The `stage`'s `build_stage`, as training calls it, on abstract constants; model FLOPs.
+def _built_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: bool, backend: str):
+    """The `stage`'s `build_stage` for `backend` on abstract constants, and its model FLOPs.
 
     The constants are ShapeDtypeStructs: the frozen tokenizer of an image-batch transformer,
     the VGG16 of the tokenizer's perceptual loss (their weights do not matter). Model FLOPs
@@ -245,18 +288,18 @@ def _built_stage(config: ml_collections.ConfigDict, stage: str, pretokenized: bo
         config = config.copy_and_resolve_references()
         config.training.pretokenized_dir = ""
         tokenizer = None if pretokenized else official_checkpoint.abstract_tokenizer_params(config)
-        built = train_transformer.build_stage(config, tokenizer)
+        built = train_transformer.build_stage(config, tokenizer, backend=backend)
         forward = flops.transformer_forward_flops(
             config, config.training.batch_size, num_logits=config.tokenizer.codebook_size
         )
-        return built.stage, 3 * forward
+        return built, 3 * forward
     from maskgit_jax.models.perceptual import abstract_vgg16_params
     from maskgit_jax.training import tokenizer as train_tokenizer
 
     perceptual = None
     if config.tokenizer_training.perceptual_weight > 0:
         perceptual = abstract_vgg16_params()
-    return train_tokenizer.build_stage(config, perceptual).stage, None
+    return train_tokenizer.build_stage(config, perceptual), None
 
 
 def compile_train_step(
@@ -273,7 +316,9 @@ def compile_train_step(
     config_lib.validate(config, stages=(stage,), inputs=False)
     devices = topology_devices(topology)
     mesh = sharding.create_mesh(config.mesh, devices=devices)
-    built, model_flops = _built_stage(config, stage, pretokenized)
+    platform = platform_of(topology)
+    stage_and_trainer, model_flops = _built_stage(config, stage, pretokenized, platform)
+    built = stage_and_trainer.stage
     setup = train_loop.create_sharded_setup(config, built, mesh=mesh)
     step_fn = train_loop.jit_train_step(setup, built)
     global_batch = built.training.batch_size
@@ -286,12 +331,14 @@ def compile_train_step(
     if built.constants is not None:
         constants = sharding.with_shardings(built.constants, setup.constants_shardings)
     with setup.activate():
-        compiled = step_fn.lower(state, batch, constants).compile()
+        options = _GPU_COMPILE_ONLY_OPTIONS if platform == "gpu" else None
+        compiled = step_fn.lower(state, batch, constants).compile(compiler_options=options)
 
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     if isinstance(cost, Sequence):  # older jax: one dict per program
         cost = cost[0] if cost else {}
+    flops_per_device = (cost or {}).get("flops")  # GPU compile-only programs have none
     budget, source, peak = _memory_budget(topology, len(devices), hbm_gib)
     report = AotReport(
         topology=topology,
@@ -308,7 +355,7 @@ def compile_train_step(
         temp_bytes=int(memory.temp_size_in_bytes),
         generated_code_bytes=int(memory.generated_code_size_in_bytes),
         peak_bytes=int(getattr(memory, "peak_memory_in_bytes", 0) or 0) or None,
-        flops_per_device=float(cost.get("flops", 0.0)),
+        flops_per_device=None if flops_per_device is None else float(flops_per_device),
         model_flops=model_flops,
         budget_gib=budget,
         budget_source=source,
@@ -333,6 +380,8 @@ def does_not_fit_message(report: AotReport) -> str:
     if report.stage == "transformer" and not report.remat:
         hints.append("--config.training.remat=True (recompute activations)")
     hints.append(f"--config.{training}.grad_accum_steps=2 (smaller micro-batches)")
+    if platform_of(report.topology) == "gpu" and report.budget_source != "--hbm_gib":
+        hints.append(f"{gpu_targets.MEM_FRACTION_VARIABLE}=0.9 (a larger share for JAX)")
     if report.compute_dtype == "float32":
         hints.append(f"--config.{training}.compute_dtype=bfloat16")
     return f"does not fit: needs {need:.2f} GiB per chip, {where}; try " + ", or ".join(hints) + "."
@@ -353,8 +402,18 @@ def run(
     return report
 
 
-def _set_cpu_device_count(topology: str) -> None:
-    """Asks for N fake CPU devices for 'cpu:N' when JAX has not started yet (else no-op)."""
+def _prepare_platforms(topology: str) -> None:
+    """Before JAX starts: N fake CPU devices for 'cpu:N', or CPU as the platform for GPUs.
+
+    With JAX_PLATFORMS=cpu the CUDA plugin starts (compile-only) without a GPU or driver.
+    No-op once JAX has started.
+    """
+    if platform_of(topology) == "gpu":
+        try:
+            jax.config.update("jax_platforms", "cpu")
+        except RuntimeError:
+            pass  # backend already up; topology_devices() says what to set
+        return
     _, _, count = topology.partition(":")
     if chip_generation(topology) != "cpu" or not count:
         return
@@ -378,7 +437,9 @@ def define_flags() -> None:
         "config", None, "Config file.", lock_config=True
     )
     _FLAGS["topology"] = flags.DEFINE_string(
-        "topology", "cpu:8", "Cloud TPU topology (v5e:4x4, v5e:16x16, v5p:2x2x2, ...) or cpu:N."
+        "topology",
+        "cpu:8",
+        "Cloud TPU topology (v5e:4x4, v5p:2x2x2, ...), GPUs (h100:8, h200:2x8) or cpu:N.",
     )
     _FLAGS["stage"] = flags.DEFINE_enum("stage", "transformer", list(STAGES), "Which train step.")
     _FLAGS["pretokenized"] = flags.DEFINE_bool(
@@ -399,7 +460,7 @@ def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     topology = _FLAGS["topology"].value
-    _set_cpu_device_count(topology)
+    _prepare_platforms(topology)
     try:
         run(
             _FLAGS["config"].value,
@@ -408,7 +469,7 @@ def main(argv: Sequence[str]) -> None:
             pretokenized=_FLAGS["pretokenized"].value,
             hbm_gib=_FLAGS["hbm_gib"].value,
         )
-    except (DoesNotFitError, LibtpuMissingError) as error:
+    except (DoesNotFitError, LibtpuMissingError, gpu_targets.CudaPluginMissingError) as error:
         print(f"aot_compile: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
 

@@ -1,12 +1,21 @@
-"""Ahead-of-time compilation of the real train steps on the 8 fake CPU devices (no libtpu)."""
+"""Ahead-of-time compilation of the real train steps on the 8 fake CPU devices (no libtpu), and
+for compile-only GPUs where JAX's CUDA plugin is installed (no GPU needed)."""
 
 import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import ml_collections
 import pytest
 
-from maskgit_jax import aot_compile, config_lib
+from maskgit_jax import aot_compile, config_lib, gpu_targets
+from maskgit_jax.models import attention
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CUDA_PLUGIN = gpu_targets.cuda_plugin_installed()
 
 
 def tiny_config(mesh_shape=(2, 4, 1)) -> ml_collections.ConfigDict:
@@ -96,3 +105,75 @@ def test_bad_topologies():
 def test_tpu_topology_without_libtpu_says_how_to_install():
     with pytest.raises(aot_compile.LibtpuMissingError, match="pip install .*libtpu==0.0.42"):
         aot_compile.topology_devices("v5e:2x2")
+
+
+def test_stage_is_built_for_the_topologys_platform():
+    """A TPU or GPU step compiled from this CPU machine takes that platform's attention."""
+    models = {
+        platform: aot_compile._built_stage(tiny_config(), "transformer", True, platform)[
+            0
+        ].trainer.model
+        for platform in ("cpu", "tpu", "gpu")
+    }
+    assert models["cpu"].attention_implementation == attention.EINSUM
+    assert models["cpu"].attention_block_bytes == attention.CPU_BLOCK_BYTES
+    assert models["tpu"].attention_implementation == attention.XLA
+    assert models["gpu"].attention_implementation == attention.CUDNN
+    assert models["tpu"].attention_block_bytes is None is models["gpu"].attention_block_bytes
+    assert [aot_compile.platform_of(t) for t in ("cpu:8", "v5e:4x4", "h100:8", "H200:2x8")] == [
+        "cpu",
+        "tpu",
+        "gpu",
+        "gpu",
+    ]
+
+
+def test_gpu_topology_shapes():
+    assert gpu_targets.parse_count("h100") == (1, 1)
+    assert gpu_targets.parse_count("h100:8") == (1, 8)
+    assert gpu_targets.parse_count("h200:4x8") == (4, 8)
+    for bad in ("h100:0", "h100:2x", "h100:eight", "h100:1x2x4"):
+        with pytest.raises(ValueError, match="a GPU topology is <gpu>:<GPUs>"):
+            gpu_targets.parse_count(bad)
+
+
+def test_gpu_budget_is_the_share_of_memory_jax_takes(monkeypatch):
+    monkeypatch.delenv(gpu_targets.MEM_FRACTION_VARIABLE, raising=False)
+    budget, source, peak = aot_compile._memory_budget("h100:8", 8, None)
+    assert budget == pytest.approx(81559 / 1024 * 0.75)
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION" in source and peak == 989
+    monkeypatch.setenv(gpu_targets.MEM_FRACTION_VARIABLE, "0.9")
+    assert aot_compile._memory_budget("h200:1", 1, None)[0] == pytest.approx(143771 / 1024 * 0.9)
+    assert aot_compile._memory_budget("h200:1", 1, 10.0)[:2] == (10.0, "--hbm_gib")
+
+
+@pytest.mark.skipif(CUDA_PLUGIN, reason="JAX's CUDA plugin is installed here")
+def test_gpu_topology_without_the_cuda_plugin_says_how_to_install():
+    with pytest.raises(gpu_targets.CudaPluginMissingError, match=r'pip install "jax\[cuda12\]=='):
+        aot_compile.topology_devices("h100:8")
+
+
+@pytest.mark.skipif(not CUDA_PLUGIN, reason="needs JAX's CUDA plugin (jax[cuda12]), no GPU")
+def test_gpu_topology_compiles_through_the_command_line():
+    """`python -m maskgit_jax.aot_compile --topology=h100:2` as a user types it, without a GPU."""
+    command = [
+        sys.executable,
+        "-m",
+        "maskgit_jax.aot_compile",
+        "--config=configs/digits.py",
+        "--config.mesh.shape=(1,2,1)",
+    ]
+    env = {**os.environ, gpu_targets.MEM_FRACTION_VARIABLE: "0.5"}
+
+    def run(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*command, *flags], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+        )
+
+    done = run("--topology=h100:2", "--pretokenized")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "topology h100:2: 2 devices, mesh data=1 x fsdp=2 x tensor=1" in done.stdout
+    assert "h100 memory x 0.5" in done.stdout and "no XLA cost analysis" in done.stdout
+    tight = run("--topology=h200:1x2", "--hbm_gib=0.0001")
+    assert tight.returncode == 1, tight.stderr[-3000:]
+    assert "does not fit: needs" in tight.stderr

@@ -63,11 +63,12 @@ def masked_token_loss(
 class TransformerTrainer:
     """Builds the transformer stage's state, step and periodic actions from a config."""
 
-    def __init__(self, config: ml_collections.ConfigDict):
+    def __init__(self, config: ml_collections.ConfigDict, backend: str | None = None):
         self.config = config
         self.training = config.training
+        # The attention runs as is fastest on `backend` (default: JAX's), where the step runs.
         self.model = build_transformer(
-            config, dtype=_compute_dtype(self.training), remat=self.training.remat
+            config, dtype=_compute_dtype(self.training), remat=self.training.remat, backend=backend
         )
         self.tokenizer = build_tokenizer(config)
         self.tx = optimizers.adamw_optimizer(self.training)
@@ -221,14 +222,17 @@ def _tokenizer_source(config: ml_collections.ConfigDict) -> epath.Path:
 
 
 def build_stage(
-    config: ml_collections.ConfigDict, tokenizer_variables: Any | None = None
+    config: ml_collections.ConfigDict,
+    tokenizer_variables: Any | None = None,
+    backend: str | None = None,
 ) -> train_loop.BuiltStage[TransformerTrainer]:
     """The transformer stage as the loop trains it (hooks aside), and its trainer.
 
     With `tokenizer_variables` (host arrays, or ShapeDtypeStructs to compile from shapes) the
     batches are images, tokenized inside the step by that frozen tokenizer, a constant input.
     Without, the batches are tokens: training.pretokenized_dir's (which then feeds the loop),
-    or the caller's own.
+    or the caller's own. `backend` is the platform the step will run on (default: JAX's);
+    `aot_compile` names the TPU or GPU it compiles for from a CPU machine.
     """
     pretokenized_dir = config.training.pretokenized_dir
     if pretokenized_dir and tokenizer_variables is not None:
@@ -244,7 +248,7 @@ def build_stage(
             global_batch_size=config.training.batch_size,
             seed=config.seed,
         )
-    trainer = TransformerTrainer(config)
+    trainer = TransformerTrainer(config, backend)
     stage = train_loop.Stage(
         name="transformer",
         training=config.training,
