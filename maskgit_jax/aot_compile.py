@@ -147,28 +147,27 @@ class AotReport:
                 f"  budget       {self.budget_gib:9.3f}  ({self.budget_source}): "
                 f"{100 * self.total_bytes / (self.budget_gib * GIB):.0f}% used"
             )
-        per_device = self.flops_per_device
-        if per_device is None:
+        if self.flops_per_device is None:
             rows.append("FLOPs per step: no XLA cost analysis for this platform's programs")
         else:
-            total_flops = per_device * self.num_devices
             rows.append(
-                f"FLOPs per step: {per_device:.4g} per device, {total_flops:.4g} in all "
-                "(XLA cost analysis)"
+                f"FLOPs per step: {self.flops_per_device:.4g} per device, "
+                f"{self.flops_per_device * self.num_devices:.4g} in all (XLA cost analysis)"
             )
         if self.model_flops:
-            ratio = (
-                ""
-                if per_device is None
-                else f" (XLA / model = {total_flops / self.model_flops:.2f})"
-            )
+            ratio = ""
+            if self.flops_per_device is not None:
+                xla_over_model = self.flops_per_device * self.num_devices / self.model_flops
+                ratio = f" (XLA / model = {xla_over_model:.2f})"
             rows.append(
                 f"model FLOPs per step (3 x forward matmuls): {self.model_flops:.4g}{ratio}"
             )
-            if per_device is None:
-                per_device = self.model_flops / self.num_devices
-        if self.peak_bf16_tflops and per_device:
-            ideal = per_device / (self.peak_bf16_tflops * 1e12)
+        # XLA's count where there is one, else the model's share per device.
+        step_flops = self.flops_per_device
+        if step_flops is None and self.model_flops:
+            step_flops = self.model_flops / self.num_devices
+        if self.peak_bf16_tflops and step_flops:
+            ideal = step_flops / (self.peak_bf16_tflops * 1e12)
             rows.append(
                 f"step time at 100% of the {self.peak_bf16_tflops:g} TFLOP/s bf16 peak: "
                 f"{1e3 * ideal:.1f} ms (a lower bound)"

@@ -177,3 +177,32 @@ def test_gpu_topology_compiles_through_the_command_line():
     tight = run("--topology=h200:1x2", "--hbm_gib=0.0001")
     assert tight.returncode == 1, tight.stderr[-3000:]
     assert "does not fit: needs" in tight.stderr
+
+
+def test_report_without_cost_analysis_bounds_the_step_by_model_flops():
+    """GPU compile-only programs have no cost analysis: the lower bound uses the model's FLOPs."""
+    report = aot_compile.AotReport(
+        topology="h100:8",
+        stage="transformer",
+        batch_form="tokens",
+        mesh_shape={"data": 1, "fsdp": 8, "tensor": 1},
+        num_devices=8,
+        global_batch=256,
+        compute_dtype="bfloat16",
+        remat=False,
+        argument_bytes=2**30,
+        output_bytes=2**30,
+        alias_bytes=2**30,
+        temp_bytes=3 * 2**30,
+        generated_code_bytes=0,
+        peak_bytes=None,
+        flops_per_device=None,
+        model_flops=8 * 989e12 * 0.01,
+        budget_gib=59.7,
+        budget_source="h100 memory x 0.75",
+        peak_bf16_tflops=989,
+    )
+    text = report.format()
+    assert "no XLA cost analysis" in text and "XLA / model" not in text
+    assert "989 TFLOP/s bf16 peak: 10.0 ms (a lower bound)" in text
+    assert report.total_bytes == 4 * 2**30 and report.fits
