@@ -13,9 +13,10 @@ import os
 
 import jax
 
-# The compiled programs are the same for any cuDNN 9.x/CUDA 12.x; these are jax[cuda12]'s.
+# What jax[cuda12] 0.10.2 is built against (its plugin's cudnn_build_version and
+# cuda_runtime_build_version); cuDNN 9.8 is also the oldest it starts with.
 _DNN_VERSION = (9, 8)
-_CUDA_RUNTIME_VERSION = (12, 8)
+_CUDA_RUNTIME_VERSION = (12, 9)
 # How JAX's GPU client sizes its memory pool: this fraction of the GPU's memory, taken at start.
 MEM_FRACTION_VARIABLE = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 DEFAULT_MEM_FRACTION = 0.75
