@@ -209,7 +209,7 @@ def topology_devices(topology: str) -> list[Any]:
             )
         return list(devices[:count])
     if generation in gpu_targets.GPUS:
-        return gpu_targets.compile_only_devices(topology)
+        return gpu_targets.compile_only_devices(gpu_targets.GPUS[generation], topology)
     if generation not in CHIPS:
         raise ValueError(
             f"--topology={topology}: unknown chip {generation!r}; use one of "

@@ -113,9 +113,8 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
-def compile_only_devices(topology: str) -> list:
-    """The devices of `topology` ('h100:8', 'h200:2x8'): compile-only CUDA devices, no GPU."""
-    generation = topology.split(":", 1)[0].strip().lower()
+def compile_only_devices(gpu: GpuSpec, topology: str) -> list:
+    """Compile-only CUDA devices of `gpu` in `topology` ('h100:8', 'h200:2x8'), no GPU needed."""
     hosts, per_host = parse_count(topology)
     if not cuda_plugin_installed():
         raise CudaPluginMissingError(
@@ -128,7 +127,7 @@ def compile_only_devices(topology: str) -> list:
     try:
         description = topologies.get_topology_desc(
             platform="cuda",
-            target_config=target_config(GPUS[generation]),
+            target_config=target_config(gpu),
             topology=f"1x{hosts}x{per_host}",
         )
     except NotImplementedError as error:
